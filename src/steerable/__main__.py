@@ -1,0 +1,3 @@
+from steerable.cli import main
+
+raise SystemExit(main())

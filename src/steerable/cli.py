@@ -1,0 +1,351 @@
+"""The ``steerable`` command line. Thin: every subcommand parses its arguments and calls one library
+function. Input errors are reported as one line on stderr with exit code 2 (no traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from steerable.errors import ConfigError, SteerableError
+from steerable.utils.config import add_config_arguments, config_from_args
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return values
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _matrix(text: str) -> list[list[float]]:
+    try:
+        return [[float(v) for v in row.split(",")] for row in text.split(";") if row.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected rows like '1,0;0,1', got {text!r}") from None
+
+
+# ---- simulate -----------------------------------------------------------------------------------------
+def _add_simulate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="write a simulated hidden-context population to train/val/test files",
+        description="Simulate users with hidden preferences in the preference data format.",
+    )
+    p.add_argument(
+        "--population",
+        choices=["step-1d", "gaussian", "attributes"],
+        default="step-1d",
+        help="step-1d: Example 4.1; gaussian: Example 4.3; attributes: K attributes (modes or Dirichlet)",
+    )
+    p.add_argument("--rho", type=float, default=-1.0, help="gaussian: correlation of the two attributes")
+    p.add_argument("--num-attributes", type=int, default=3, help="attributes: K")
+    p.add_argument(
+        "--modes",
+        type=_matrix,
+        default=None,
+        help="attributes: mode weight vectors, e.g. '1,0,0;0,1,0' (default: one mode per attribute)",
+    )
+    p.add_argument(
+        "--mode-probs",
+        type=_float_list,
+        default=None,
+        help="attributes: mode probabilities (default: uniform)",
+    )
+    p.add_argument(
+        "--dirichlet-alpha",
+        type=_float_list,
+        default=None,
+        help="attributes: continuous users w ~ Dirichlet(alpha) instead of modes",
+    )
+    p.add_argument(
+        "--correlation",
+        type=float,
+        default=0.0,
+        help="attributes: correlation between attributes (gaussian options)",
+    )
+    p.add_argument(
+        "--options",
+        choices=["gaussian", "uniform"],
+        default="gaussian",
+        help="attributes: option distribution",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="0: deterministic choices; > 0: Bradley-Terry choices with this temperature",
+    )
+    p.add_argument(
+        "--conflict-rate",
+        type=float,
+        default=None,
+        help="share of conflicting pairs per user (default: as sampled)",
+    )
+    p.add_argument("--train-users", type=int, default=4000)
+    p.add_argument("--val-users", type=int, default=500)
+    p.add_argument("--test-users", type=int, default=1000)
+    p.add_argument("--pairs-per-user", type=int, default=40)
+    p.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
+    p.add_argument(
+        "--out", type=Path, required=True, help="folder for train/val/test files and population.json"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_run_simulate)
+
+
+def _run_simulate(args: argparse.Namespace) -> int:
+    from steerable.data.simulate import attribute_population, gaussian_population, simulate, step_population
+    from steerable.data.writers import write_preferences
+    from steerable.experiments.common import child_seeds
+    from steerable.utils.files import write_json_atomic
+
+    if args.population == "step-1d":
+        population = step_population()
+    elif args.population == "gaussian":
+        population = gaussian_population(args.rho)
+    else:
+        population = attribute_population(
+            args.num_attributes,
+            modes=args.modes,
+            mode_probs=args.mode_probs,
+            dirichlet_alpha=args.dirichlet_alpha,
+            correlation=args.correlation,
+            options=args.options,
+        )
+    population = dataclasses.replace(
+        population, temperature=args.temperature, conflict_rate=args.conflict_rate
+    )
+    splits = {"train": args.train_users, "val": args.val_users, "test": args.test_users}
+    for (split, n), seed in zip(splits.items(), child_seeds(args.seed, 3), strict=True):
+        if n <= 0:
+            continue
+        data = simulate(population, n, args.pairs_per_user, seed=seed, user_prefix=f"{split}-")
+        path = write_preferences(data, args.out / f"{split}.{args.format}")
+        print(f"{path}: {data.summary()}")
+    write_json_atomic(args.out / "population.json", population.to_dict())
+    print(f"{args.out / 'population.json'}: {population.name}")
+    return 0
+
+
+# ---- train --------------------------------------------------------------------------------------------
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    from steerable.models.base import RewardModelConfig
+    from steerable.training import TrainConfig
+
+    p = sub.add_parser(
+        "train",
+        help="train a reward model (btl, dpl, np-btl, vnp-btl)",
+        description="Train a reward model; rerun the same command to resume an interrupted run.",
+    )
+    p.add_argument(
+        "--data", required=True, help="training pairs (.jsonl, .json, .parquet or a saved datasets folder)"
+    )
+    p.add_argument(
+        "--val",
+        default=None,
+        help="validation pairs (default: hold out --val-fraction of the training users)",
+    )
+    p.add_argument(
+        "--model", dest="model_type", default="np-btl", choices=["btl", "dpl", "np-btl", "vnp-btl"]
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder (model, metrics.csv, checkpoint)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="discard an existing run in --out instead of resuming it"
+    )
+    add_config_arguments(p.add_argument_group("model"), RewardModelConfig, skip=("model_type", "input_dim"))
+    add_config_arguments(p.add_argument_group("training"), TrainConfig)
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from steerable.data.readers import load_preferences
+    from steerable.models.base import RewardModelConfig
+    from steerable.models.registry import build_reward_model
+    from steerable.training import TrainConfig, train_reward_model
+
+    train = load_preferences(args.data)
+    val = load_preferences(args.val) if args.val else None
+    if val is not None and val.dim != train.dim:
+        raise ConfigError(f"{args.val}: options have {val.dim} values but {args.data} has {train.dim}")
+    model_config = config_from_args(RewardModelConfig, args, input_dim=train.dim)
+    train_config = config_from_args(TrainConfig, args)
+    print(f"train: {train.summary()}")
+    if val is not None:
+        print(f"val:   {val.summary()}")
+    model = build_reward_model(model_config, seed=train_config.seed)
+    result = train_reward_model(model, train, val, train_config, out_dir=args.out, overwrite=args.overwrite)
+    if result.resumed_from:
+        print(f"resumed from step {result.resumed_from}")
+    print(
+        f"best validation loss {result.best_val_loss:.4f} at step {result.best_step} of {result.steps}; "
+        f"model saved in {args.out}"
+    )
+    return 0
+
+
+# ---- evaluate -----------------------------------------------------------------------------------------
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="accuracy vs number of context pairs on unseen pairs",
+        description="Evaluate a trained model on D^T \\ D^C for several context sizes N^C.",
+    )
+    p.add_argument("model_dir", type=Path, help="folder written by 'steerable train'")
+    p.add_argument("--data", required=True, help="evaluation pairs (users not seen in training)")
+    p.add_argument(
+        "--context-sizes", type=_int_list, default=[0, 1, 2, 4, 8], help="N^C values (default: 0,1,2,4,8)"
+    )
+    p.add_argument(
+        "--targets", type=int, default=20, help="N^T, pairs per task including the context (default: 20)"
+    )
+    p.add_argument("--tasks", type=int, default=4096, help="tasks per context size (default: 4096)")
+    p.add_argument(
+        "--population",
+        type=Path,
+        default=None,
+        help="population.json of simulated data, for the Bayes-optimal reference (default: next to --data)",
+    )
+    p.add_argument("--json", type=Path, default=None, help="write the metrics to this JSON file")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from steerable.data.readers import load_preferences
+    from steerable.data.simulate import Population
+    from steerable.evaluation import evaluate
+    from steerable.experiments.common import print_accuracy_table
+    from steerable.models.registry import load_reward_model
+    from steerable.utils.files import write_json_atomic
+
+    model = load_reward_model(args.model_dir)
+    data = load_preferences(args.data)
+    if data.dim != model.config.input_dim:
+        raise ConfigError(
+            f"{args.data}: options have {data.dim} values, the model expects {model.config.input_dim}"
+        )
+    pop_path = args.population or Path(args.data).with_name("population.json")
+    population = None
+    if pop_path.exists():
+        try:
+            population = Population.from_dict(json.loads(pop_path.read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ConfigError(f"{pop_path}: not a population description ({exc})") from None
+    elif args.population is not None:
+        raise ConfigError(f"{pop_path}: no such file")
+    result = evaluate(
+        model,
+        data,
+        args.context_sizes,
+        num_targets=args.targets,
+        num_tasks=args.tasks,
+        seed=args.seed,
+        population=population,
+    )
+    summary = {
+        "model": str(args.model_dir),
+        "model_type": model.model_type,
+        "data": str(args.data),
+        "seed": args.seed,
+        **result.to_json(),
+    }
+    rows = {model.model_type: result.accuracy}
+    if result.bayes is not None:
+        rows["bayes-optimal"] = {k: v["accuracy"] for k, v in result.bayes.items()}
+    print_accuracy_table("accuracy on unseen pairs (columns: N^C)", result.context_sizes, rows)
+    if args.json:
+        write_json_atomic(args.json, summary)
+        print(f"wrote {args.json}")
+    return 0
+
+
+# ---- experiments --------------------------------------------------------------------------------------
+def _add_experiment(sub: argparse._SubParsersAction) -> None:
+    from steerable.experiments.gaussian import GaussianConfig
+    from steerable.experiments.synthetic import SyntheticConfig
+
+    p = sub.add_parser(
+        "experiment",
+        help="reproduce one of the paper's studies",
+        description="Each study writes results.json, PNG plots and a printed table into --out.",
+    )
+    studies = p.add_subparsers(dest="study", required=True, metavar="STUDY")
+    for name, config_cls, help_text in (
+        (
+            "synthetic",
+            SyntheticConfig,
+            "Example 4.1 / Figure 1: BTL, DPL and NP-BTL on two hidden modes (~3 min)",
+        ),
+        ("gaussian", GaussianConfig, "Example 4.3 / Figure 4: identifiability vs correlation (~5 min)"),
+    ):
+        q = studies.add_parser(name, help=help_text, description=help_text)
+        q.add_argument("--out", type=Path, required=True, help="output folder")
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="retrain models instead of reusing finished ones in --out",
+        )
+        add_config_arguments(q, config_cls)
+        q.set_defaults(run=_run_experiment, config_cls=config_cls)
+
+
+def _run_experiment(args: argparse.Namespace) -> int:
+    config = config_from_args(args.config_cls, args)
+    if args.study == "synthetic":
+        from steerable.experiments.synthetic import run_synthetic
+
+        run_synthetic(args.out, seed=args.seed, config=config, overwrite=args.overwrite)
+    elif args.study == "gaussian":
+        from steerable.experiments.gaussian import run_gaussian
+
+        run_gaussian(args.out, seed=args.seed, config=config, overwrite=args.overwrite)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``steerable`` argument parser."""
+    from steerable import __version__
+
+    parser = argparse.ArgumentParser(prog="steerable", description=__doc__.split(".")[0] + ".")
+    parser.add_argument("--version", action="version", version=f"steerable {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_simulate(sub)
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_experiment(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``steerable`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except SteerableError as exc:
+        print(f"steerable: error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:  # unreadable paths, bad numbers that reached the library
+        print(f"steerable: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("steerable: interrupted (rerun the same command to resume training)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

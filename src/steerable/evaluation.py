@@ -1,0 +1,186 @@
+"""Accuracy vs number of context pairs, on unseen pairs only (D^T \\ D^C), with uncertainty.
+
+For each N^C, tasks are drawn from the evaluation users (:meth:`TaskSampler.fixed_tasks`) and every
+target pair not in the context is scored. Reported per N^C: accuracy with a task-clustered standard
+error, log loss, expected calibration error (10 equal-width confidence bins), accuracy per hidden mode
+when the data has one, and the Bayes-optimal accuracy on the very same tasks when the population is
+known.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from steerable.data.sampler import TaskBatch, TaskSampler
+from steerable.data.schema import PreferenceData
+from steerable.data.simulate import Population
+from steerable.models.base import PreferenceOutput
+
+Predictor = Callable[[TaskBatch], PreferenceOutput]
+
+
+@dataclass
+class _Tally:
+    """Accumulates scored pairs of one predictor at one N^C."""
+
+    task_correct: list[np.ndarray] = field(default_factory=list)
+    task_count: list[np.ndarray] = field(default_factory=list)
+    task_mode: list[np.ndarray] = field(default_factory=list)
+    prob: list[np.ndarray] = field(default_factory=list)
+    log_loss_sum: float = 0.0
+
+    def add(self, out: PreferenceOutput, batch: TaskBatch) -> None:
+        mask = batch.scored_mask
+        log_odds = out.log_odds
+        hit = (log_odds > 0).double() + 0.5 * (log_odds == 0).double()
+        self.task_correct.append((hit * mask).sum(1).cpu().numpy())
+        self.task_count.append(mask.sum(1).cpu().numpy())
+        self.task_mode.append(batch.hidden_mode.cpu().numpy())
+        self.prob.append(out.prob_chosen[mask].double().cpu().numpy())
+        self.log_loss_sum += float(-out.log_prob_chosen.double().clamp(min=-50.0)[mask].sum())
+
+    def summary(self) -> dict[str, Any]:
+        correct, count = np.concatenate(self.task_correct), np.concatenate(self.task_count)
+        modes = np.concatenate(self.task_mode)
+        keep = count > 0
+        correct, count, modes = correct[keep], count[keep], modes[keep]
+        total = count.sum()
+        acc = correct.sum() / total
+        # Ratio-estimator standard error, clustered by task (pairs of one task are not independent).
+        resid = correct - acc * count
+        stderr = float(np.sqrt((resid**2).sum()) / total) if len(count) > 1 else float("nan")
+        by_mode = {
+            int(m): float(correct[modes == m].sum() / count[modes == m].sum())
+            for m in np.unique(modes)
+            if m >= 0
+        }
+        return {
+            "accuracy": float(acc),
+            "stderr": stderr,
+            "log_loss": self.log_loss_sum / total,
+            "ece": expected_calibration_error(np.concatenate(self.prob)),
+            "by_mode": by_mode,
+            "num_scored": int(total),
+            "num_tasks": len(count),
+        }
+
+
+def expected_calibration_error(prob_chosen: np.ndarray, num_bins: int = 10) -> float:
+    """ECE of predictions P(observed choice) over confidence bins max(p, 1 − p) ∈ [0.5, 1]."""
+    if len(prob_chosen) == 0:
+        return float("nan")
+    confidence = np.maximum(prob_chosen, 1 - prob_chosen)
+    correct = (prob_chosen > 0.5) + 0.5 * (prob_chosen == 0.5)
+    bins = np.minimum(((confidence - 0.5) * 2 * num_bins).astype(int), num_bins - 1)
+    ece = 0.0
+    for b in range(num_bins):
+        sel = bins == b
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - confidence[sel].mean())
+    return float(ece)
+
+
+@dataclass
+class EvaluationResult:
+    """Metrics per N^C for the model (and the Bayes-optimal reference, when known)."""
+
+    context_sizes: list[int]
+    model: dict[int, dict[str, Any]]
+    bayes: dict[int, dict[str, Any]] | None
+    num_targets: int
+    num_tasks: int
+    mode_names: list[str] | None = None
+
+    @property
+    def accuracy(self) -> dict[int, float]:
+        return {k: v["accuracy"] for k, v in self.model.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        """The documented ``results.json`` of ``steerable evaluate`` (keys are strings)."""
+
+        def per(metrics: dict[int, dict[str, Any]], key: str) -> dict[str, Any]:
+            return {str(k): v[key] for k, v in metrics.items()}
+
+        out: dict[str, Any] = {
+            "accuracy": per(self.model, "accuracy"),
+            "stderr": per(self.model, "stderr"),
+            "log_loss": per(self.model, "log_loss"),
+            "ece": per(self.model, "ece"),
+            "num_scored": per(self.model, "num_scored"),
+            "num_tasks": self.num_tasks,
+            "num_targets": self.num_targets,
+        }
+        modes = sorted({m for v in self.model.values() for m in v["by_mode"]})
+        if modes:
+            out["accuracy_by_mode"] = {
+                self._mode_name(m): {str(k): v["by_mode"].get(m) for k, v in self.model.items()}
+                for m in modes
+            }
+        if self.bayes is not None:
+            out["bayes_accuracy"] = per(self.bayes, "accuracy")
+            out["bayes_stderr"] = per(self.bayes, "stderr")
+        return out
+
+    def _mode_name(self, mode: int) -> str:
+        return self.mode_names[mode] if self.mode_names and mode < len(self.mode_names) else str(mode)
+
+
+@torch.no_grad()
+def evaluate(
+    predictor: Predictor | torch.nn.Module,
+    data: PreferenceData,
+    context_sizes: list[int] | tuple[int, ...] = (0, 1, 2, 4, 8),
+    num_targets: int = 20,
+    num_tasks: int = 4096,
+    seed: int = 0,
+    population: Population | None = None,
+    batch_size: int = 256,
+    progress: bool | None = None,
+) -> EvaluationResult:
+    """Accuracy vs N^C of ``predictor`` (a reward model, or any ``batch -> PreferenceOutput``).
+
+    ``population`` (the simulator that made ``data``) adds the Bayes-optimal accuracy on the same tasks.
+    """
+    from steerable.bayes import BayesOptimalPredictor
+
+    sizes = sorted(set(int(c) for c in context_sizes))
+    if num_targets <= sizes[-1]:
+        raise ValueError(f"num_targets ({num_targets}) must exceed the largest context size ({sizes[-1]})")
+    if isinstance(predictor, torch.nn.Module):
+        predictor.eval()
+    device = (
+        next(predictor.parameters()).device if isinstance(predictor, torch.nn.Module) else torch.device("cpu")
+    )
+    sampler = TaskSampler(data, sizes[0], sizes[-1], num_targets, seed=seed)
+    tasks = sampler.fixed_tasks(sizes, num_tasks, batch_size=batch_size)
+    bayes = BayesOptimalPredictor(population, seed=seed) if population is not None else None
+    model_tally = {c: _Tally() for c in sizes}
+    bayes_tally = {c: _Tally() for c in sizes}
+    total = sum(len(v) for v in tasks.values())
+    with tqdm(
+        total=total,
+        desc="evaluate",
+        unit="batch",
+        disable=(not progress) if progress is not None else None,
+        leave=False,
+    ) as bar:
+        for c in sizes:
+            for batch in tasks[c]:
+                model_tally[c].add(predictor(batch.to(device)), batch)
+                if bayes is not None:
+                    bayes_tally[c].add(bayes(batch), batch)
+                bar.update(1)
+    return EvaluationResult(
+        context_sizes=sizes,
+        model={c: t.summary() for c, t in model_tally.items()},
+        bayes={c: t.summary() for c, t in bayes_tally.items()} if bayes is not None else None,
+        num_targets=num_targets,
+        num_tasks=num_tasks,
+        mode_names=population.mode_names if population is not None else None,
+    )

@@ -1,0 +1,1 @@
+"""The paper's studies, one function (and one ``steerable experiment`` command) each."""

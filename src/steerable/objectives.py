@@ -1,0 +1,57 @@
+"""Every likelihood and loss of the package, each written once.
+
+Shapes: rewards and log-probabilities are (B, N) for B tasks and N pairs unless stated otherwise;
+``mask`` (B, N) bool marks the pairs that count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def btl_log_prob(reward_chosen: Tensor, reward_rejected: Tensor) -> Tensor:
+    """Bradley-Terry-Luce: log P(y_c ≻ y_r) = log σ(r(y_c) − r(y_r)) (paper eq. 2 and 7).
+
+    Also the (conditional) DPO likelihood when the rewards are implicit, β·log π/π_ref (eq. 8, 24).
+    """
+    return F.logsigmoid(reward_chosen - reward_rejected)
+
+
+def dpl_log_prob(
+    mean_chosen: Tensor, std_chosen: Tensor, mean_rejected: Tensor, std_rejected: Tensor
+) -> Tensor:
+    """Mean-variance distributional preference learning (Siththaranjan et al., 2024).
+
+    With independent r(y) ~ N(μ(y), σ(y)²), P(y_c ≻ y_r) = P(r(y_c) − r(y_r) > 0)
+    = Φ((μ_c − μ_r) / sqrt(σ_c² + σ_r²)).
+    """
+    scale = torch.sqrt(std_chosen.square() + std_rejected.square())
+    return torch.special.log_ndtr((mean_chosen - mean_rejected) / scale)
+
+
+def mixture_log_prob(log_probs: Tensor, dim: int = 0) -> Tensor:
+    """Monte Carlo predictive: log (1/S) Σ_s p_s from S per-sample log-probabilities (eq. 3)."""
+    return torch.logsumexp(log_probs, dim=dim) - math.log(log_probs.shape[dim])
+
+
+def gaussian_kl(mean_q: Tensor, std_q: Tensor, mean_p: Tensor, std_p: Tensor) -> Tensor:
+    """KL(N(mean_q, std_q²) || N(mean_p, std_p²)) summed over the last (latent) dimension."""
+    var_ratio = (std_q / std_p).square()
+    return 0.5 * (var_ratio + ((mean_q - mean_p) / std_p).square() - 1.0 - var_ratio.log()).sum(dim=-1)
+
+
+def preference_loss(log_prob: Tensor, mask: Tensor, kl: Tensor | None = None) -> Tensor:
+    """Negative log-likelihood of the observed choices per counted pair (Algorithm 1).
+
+    With a variational model, ``kl`` (B,) adds KL(q(z | D^T) || q(z | D^C)) per task, giving the
+    negative NP evidence lower bound, normalised by the number of counted pairs.
+    """
+    mask = mask.to(log_prob.dtype)
+    total = -(log_prob * mask).sum()
+    if kl is not None:
+        total = total + kl.sum()
+    return total / mask.sum().clamp(min=1.0)

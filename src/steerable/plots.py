@@ -1,0 +1,123 @@
+"""Every figure of the package (PNG via matplotlib's Agg backend; no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from steerable.utils.files import atomic_path
+
+COLORS = {
+    "btl": "tab:gray",
+    "dpl": "tab:orange",
+    "np-btl": "tab:blue",
+    "vnp-btl": "tab:purple",
+    "bayes": "black",
+}
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_vs_context(
+    path: str | Path,
+    curves: Mapping[str, Mapping[int, float]],
+    stderr: Mapping[str, Mapping[int, float]] | None = None,
+    bayes: Mapping[int, float] | None = None,
+    title: str = "Accuracy on unseen pairs vs number of context pairs",
+) -> Path:
+    """Accuracy vs N^C per model (± 1 standard error), with the Bayes-optimal curve when known."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if bayes is not None:
+        ks = sorted(bayes)
+        ax.plot(ks, [bayes[k] for k in ks], "k--", lw=1.5, label="Bayes-optimal", zorder=5)
+    for name, curve in curves.items():
+        ks = sorted(curve)
+        ys = np.array([curve[k] for k in ks])
+        err = np.array([stderr[name][k] for k in ks]) if stderr and name in stderr else None
+        ax.errorbar(ks, ys, yerr=err, marker="o", ms=4, capsize=2, label=name, color=COLORS.get(name))
+    ax.set_xlabel("context pairs $N^C$")
+    ax.set_ylabel("accuracy on $D^T \\setminus D^C$")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_reward_functions_1d(
+    path: str | Path,
+    grid: np.ndarray,
+    truth: Mapping[str, np.ndarray],
+    panels: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray | None]]],
+) -> Path:
+    """Figure 1a: fitted reward functions on a 1-D option grid against the true reward of each mode.
+
+    ``panels[model][label] = (reward, std or None)``. Rewards are only defined up to a monotone
+    transformation, so every curve is standardised (zero mean, unit variance over the grid).
+    """
+
+    def standardise(r: np.ndarray, s: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        mu, sd = r.mean(), r.std() + 1e-12
+        return (r - mu) / sd, None if s is None else s / sd
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), sharey=True, squeeze=False)
+    styles = ["tab:green", "tab:red", "tab:purple", "tab:brown"]
+    for ax, (name, curves) in zip(axes[0], panels.items(), strict=True):
+        for (label, r), color in zip(truth.items(), styles, strict=False):
+            ax.plot(grid, standardise(r)[0], color=color, lw=4, alpha=0.25, label=f"true: {label}")
+        for (label, (r, s)), color in zip(
+            curves.items(), ["tab:blue", "tab:orange", "tab:purple", "tab:gray"], strict=False
+        ):
+            rs, ss = standardise(r, s)
+            ax.plot(grid, rs, color=color, lw=1.8, label=label)
+            if ss is not None:
+                ax.fill_between(grid, rs - ss, rs + ss, color=color, alpha=0.15)
+        ax.set_title(name)
+        ax.set_xlabel("option y")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0][0].set_ylabel("reward (standardised)")
+    return _save(fig, path)
+
+
+def plot_error_vs_rho(
+    path: str | Path,
+    curves: Mapping[str, Mapping[float, float]],
+    stderr: Mapping[str, Mapping[float, float]] | None,
+    bayes: Callable[[float], float],
+) -> Path:
+    """Figure 4: single-context identification error vs test correlation ρ, per training ρ."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    dense = np.linspace(-1, 0.999, 200)
+    ax.plot(dense, [bayes(r) for r in dense], "k--", lw=1.5, label="Bayes-optimal ¼ + arcsin(ρ)/2π")
+    cmap = plt.get_cmap("viridis")
+    for i, (name, curve) in enumerate(curves.items()):
+        rs = sorted(curve)
+        err = [stderr[name][r] for r in rs] if stderr else None
+        ax.errorbar(
+            rs,
+            [curve[r] for r in rs],
+            yerr=err,
+            marker="o",
+            ms=4,
+            capsize=2,
+            label=name,
+            color=cmap(i / max(1, len(curves) - 1)),
+        )
+    ax.set_xlabel("test correlation ρ")
+    ax.set_ylabel("error on conflicting targets ($N^C$ = 1)")
+    ax.set_title("Identifiability of the hidden context (Example 4.3)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
