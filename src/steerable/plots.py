@@ -84,6 +84,7 @@ def plot_reward_functions_1d(
             if ss is not None:
                 ax.fill_between(grid, rs - ss, rs + ss, color=color, alpha=0.15)
         ax.set_title(name)
+        ax.set_ylim(-4, 4)
         ax.set_xlabel("option y")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")

@@ -165,7 +165,7 @@ class _RowBuilder:
             self.dim, self.first_where = len(chosen), where
         elif len(chosen) != self.dim:
             raise self._error(
-                f"{len(chosen)} values, but {self.first_where} has {self.dim}: options must have equal length",
+                f"{len(chosen)} values, but {self.first_where} has {self.dim}: options need equal lengths",
                 where,
                 "chosen",
             )
@@ -344,7 +344,8 @@ def from_arrow(table: pa.Table, source: str = "<arrow>") -> PreferenceData:
             or pa.types.is_null(column.type)
         ):
             raise DataError(f"expected strings, column type is {column.type}", source=source, field="prompt")
-        prompts = np.array(column.to_pylist(), dtype=object)
+        values = column.to_pylist()
+        prompts = None if all(v is None for v in values) else np.array(values, dtype=object)
     hidden_mode = None
     if "hidden_mode" in table.column_names:
         column = table.column("hidden_mode")

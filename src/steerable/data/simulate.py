@@ -211,11 +211,17 @@ def simulate(
         c1, c2 = population.sample_pairs(num_users * per_user, rng, conflicting=True)
         n1, n2 = population.sample_pairs(num_users * (pairs_per_user - per_user), rng, conflicting=False)
         y1 = np.concatenate(
-            [c1.reshape(num_users, per_user, -1), n1.reshape(num_users, pairs_per_user - per_user, -1)],
+            [
+                c1.reshape(num_users, per_user, population.dim),
+                n1.reshape(num_users, pairs_per_user - per_user, population.dim),
+            ],
             axis=1,
         )
         y2 = np.concatenate(
-            [c2.reshape(num_users, per_user, -1), n2.reshape(num_users, pairs_per_user - per_user, -1)],
+            [
+                c2.reshape(num_users, per_user, population.dim),
+                n2.reshape(num_users, pairs_per_user - per_user, population.dim),
+            ],
             axis=1,
         )
         order = np.argsort(rng.random((num_users, pairs_per_user)), axis=1)[..., None]

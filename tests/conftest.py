@@ -1,0 +1,49 @@
+"""Shared fixtures: small simulated populations and tiny models (widths 8-32) so tests stay fast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from steerable.data.simulate import attribute_population, gaussian_population, simulate, step_population
+from steerable.models.base import RewardModelConfig
+from steerable.training import TrainConfig
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def step_data():
+    pop = step_population()
+    return pop, simulate(pop, 120, 24, seed=0), simulate(pop, 40, 24, seed=1)
+
+
+@pytest.fixture(scope="session")
+def gaussian_data():
+    pop = gaussian_population(-1.0)
+    return pop, simulate(pop, 80, 24, seed=2)
+
+
+@pytest.fixture(scope="session")
+def three_mode_data():
+    pop = attribute_population(3)
+    return pop, simulate(pop, 60, 24, seed=3)
+
+
+def tiny_config(model_type: str = "np-btl", input_dim: int = 1, **kw) -> RewardModelConfig:
+    values = {"hidden_dim": 16, "latent_dim": 8, "num_heads": 2, **kw}
+    return RewardModelConfig(model_type=model_type, input_dim=input_dim, **values)
+
+
+def tiny_train_config(**kw) -> TrainConfig:
+    values = {
+        "max_steps": 6,
+        "batch_size": 8,
+        "eval_every": 3,
+        "val_tasks": 22,
+        "warmup_steps": 1,
+        "num_targets": 12,
+        "max_context": 4,
+    }
+    values.update(kw)
+    return TrainConfig(**values)
