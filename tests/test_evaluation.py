@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
 
+from conftest import tiny_config
 from steerable.bayes import BayesOptimalPredictor
 from steerable.data import TaskBatch
 from steerable.evaluation import evaluate, expected_calibration_error

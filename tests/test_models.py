@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
 
+from conftest import tiny_config
 from steerable.data import TaskSampler
 from steerable.models import build_reward_model, load_reward_model
 from steerable.models.base import RewardModel
@@ -83,7 +83,7 @@ def test_every_parameter_changes_after_one_step(model_type, batch):
     assert not unchanged, unchanged
 
 
-@pytest.mark.parametrize("model_type, encoder", NP_VARIANTS + [("btl", "mean"), ("dpl", "mean")])
+@pytest.mark.parametrize("model_type, encoder", [*NP_VARIANTS, ("btl", "mean"), ("dpl", "mean")])
 def test_save_load_round_trip_gives_identical_predictions(tmp_path, model_type, encoder, batch):
     model = build_reward_model(tiny_config(model_type, encoder=encoder), seed=3).eval()
     model.save_pretrained(tmp_path / "m")

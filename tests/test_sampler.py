@@ -83,7 +83,7 @@ def test_users_with_fewer_pairs_than_targets_are_padded_and_masked():
 def test_no_user_with_enough_pairs_is_a_clear_error():
     data = simulate(step_population(), 5, 4, seed=0)
     with pytest.raises(
-        DataError, match="no user has enough pairs to form a task.*the most any user has is 4"
+        DataError, match=r"no user has enough pairs to form a task.*the most any user has is 4"
     ):
         TaskSampler(data, 0, 10, 20)
 

@@ -4,8 +4,8 @@ import csv
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_train_config
 
+from conftest import tiny_config, tiny_train_config
 from steerable.errors import ConfigError
 from steerable.evaluation import evaluate
 from steerable.models import build_reward_model
@@ -31,7 +31,8 @@ def test_outputs_and_metrics_file(tmp_path, step_data):
     )
     names = {p.name for p in tmp_path.iterdir()}
     assert {"config.json", "model.safetensors", "metrics.csv", "checkpoint", "train_config.json"} <= names
-    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    with open(tmp_path / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
     assert [int(r["step"]) for r in rows] == [3, 6]
     assert result.best_step in (3, 6)
 
