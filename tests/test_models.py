@@ -67,9 +67,9 @@ def test_context_changes_the_np_prediction(batch):
     assert not torch.allclose(with_context, model(batch_no_ctx).log_prob_chosen)
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_every_parameter_changes_after_one_step(model_type, batch):
-    model = build_reward_model(tiny_config(model_type, dropout=0.0), seed=0)
+@pytest.mark.parametrize("model_type, extra", [(m, {}) for m in MODEL_TYPES] + [("vnp-btl", {"vnp_objective": "ml"})])
+def test_every_parameter_changes_after_one_step(model_type, extra, batch):
+    model = build_reward_model(tiny_config(model_type, dropout=0.0, **extra), seed=0)
     before = {k: v.clone() for k, v in model.named_parameters()}
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     out = model.training_output(batch)

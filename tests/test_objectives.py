@@ -58,3 +58,11 @@ def test_preference_loss_counts_only_masked_pairs_and_adds_kl_per_pair():
     torch.testing.assert_close(preference_loss(log_prob, mask), torch.tensor(expected))
     with_kl = preference_loss(log_prob, mask, kl=torch.tensor([0.3, 0.6]))
     torch.testing.assert_close(with_kl, torch.tensor(expected + 0.9 / 3))
+
+
+def test_per_sample_log_probs_give_the_log_of_the_monte_carlo_predictive():
+    # two samples of z, one task with two counted pairs and one padded pair
+    p = torch.tensor([[[0.9, 0.8, 0.1]], [[0.5, 0.5, 0.1]]])  # (S=2, B=1, N=3)
+    mask = torch.tensor([[True, True, False]])
+    expected = -math.log(0.5 * (0.9 * 0.8) + 0.5 * (0.5 * 0.5)) / 2
+    torch.testing.assert_close(preference_loss(p.log(), mask), torch.tensor(expected))

@@ -47,11 +47,19 @@ def gaussian_kl(mean_q: Tensor, std_q: Tensor, mean_p: Tensor, std_p: Tensor) ->
 def preference_loss(log_prob: Tensor, mask: Tensor, kl: Tensor | None = None) -> Tensor:
     """Negative log-likelihood of the observed choices per counted pair (Algorithm 1).
 
-    With a variational model, ``kl`` (B,) adds KL(q(z | D^T) || q(z | D^C)) per task, giving the
-    negative NP evidence lower bound, normalised by the number of counted pairs.
+    * ``log_prob`` (B, N): −Σ log p(choice | D^C) over the counted pairs.
+    * with ``kl`` (B,): adds KL(q(z | D^T) || q(z | D^C)) per task — the negative NP evidence lower bound.
+    * ``log_prob`` (S, B, N), per sample z_s ~ q(z | D^C): −Σ_tasks log (1/S) Σ_s Π_pairs p(choice | z_s),
+      the negative log of the Monte Carlo predictive of each task's targets ("ML" NP objective,
+      Foong et al., 2020).
+
+    Always normalised by the number of counted pairs.
     """
     mask = mask.to(log_prob.dtype)
-    total = -(log_prob * mask).sum()
+    if log_prob.ndim == 3:
+        total = -mixture_log_prob((log_prob * mask).sum(dim=-1)).sum()  # (S, B) -> (B,) -> scalar
+    else:
+        total = -(log_prob * mask).sum()
     if kl is not None:
         total = total + kl.sum()
     return total / mask.sum().clamp(min=1.0)

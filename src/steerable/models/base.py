@@ -52,6 +52,12 @@ class RewardModelConfig:
     num_heads: int = option(8, "attention heads (attention encoder)")
     dropout: float = option(0.1, "attention dropout (attention encoder)")
     num_samples: int = option(32, "samples of z averaged in the predictive of vnp-btl (eq. 3)")
+    vnp_objective: str = option(
+        "elbo",
+        "vnp-btl training objective: NP evidence lower bound, or log of the Monte Carlo predictive",
+        choices=["elbo", "ml"],
+    )
+    train_samples: int = option(4, "samples of z per task for the 'ml' objective")
     min_std: float = option(1e-3, "smallest standard deviation of DPL rewards and of q(z) in vnp-btl")
 
     def __post_init__(self) -> None:
@@ -59,7 +65,15 @@ class RewardModelConfig:
 
         if self.model_type not in MODEL_TYPES:
             raise ConfigError(f"model_type must be one of {', '.join(MODEL_TYPES)}, got {self.model_type!r}")
-        for name in ("input_dim", "hidden_dim", "num_layers", "latent_dim", "num_heads", "num_samples"):
+        for name in (
+            "input_dim",
+            "hidden_dim",
+            "num_layers",
+            "latent_dim",
+            "num_heads",
+            "num_samples",
+            "train_samples",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.encoder == "attention" and self.hidden_dim % self.num_heads:
@@ -77,8 +91,8 @@ class RewardModelConfig:
 class PreferenceOutput:
     """Predicted preferences for B tasks × N target pairs."""
 
-    log_prob_chosen: Tensor  # (B, N) log P(chosen ≻ rejected | D^C)
-    log_prob_rejected: Tensor  # (B, N) log P(rejected ≻ chosen | D^C)
+    log_prob_chosen: Tensor  # (B, N) log P(chosen ≻ rejected | D^C); (S, B, N) per z-sample in training
+    log_prob_rejected: Tensor  # (B, N) log P(rejected ≻ chosen | D^C); (S, B, N) per z-sample in training
     kl: Tensor | None = None  # (B,) KL(q(z | D^T) || q(z | D^C)), variational training only
 
     @property
