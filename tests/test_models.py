@@ -67,7 +67,10 @@ def test_context_changes_the_np_prediction(batch):
     assert not torch.allclose(with_context, model(batch_no_ctx).log_prob_chosen)
 
 
-@pytest.mark.parametrize("model_type, extra", [(m, {}) for m in MODEL_TYPES] + [("vnp-btl", {"vnp_objective": "ml"})])
+STEP_CASES = [(m, {}) for m in MODEL_TYPES] + [("vnp-btl", {"vnp_objective": "ml"})]
+
+
+@pytest.mark.parametrize("model_type, extra", STEP_CASES)
 def test_every_parameter_changes_after_one_step(model_type, extra, batch):
     model = build_reward_model(tiny_config(model_type, dropout=0.0, **extra), seed=0)
     before = {k: v.clone() for k, v in model.named_parameters()}
