@@ -17,12 +17,26 @@ from steerable.data.writers import write_preferences
 from steerable.models.base import RewardModel, RewardModelConfig
 from steerable.models.registry import build_reward_model
 from steerable.training import TrainConfig, TrainResult, train_reward_model
-from steerable.utils.config import json_ready
+from steerable.utils.config import config_to_dict, json_ready
 from steerable.utils.files import write_json_atomic
 
 console = Console()
 if not console.is_terminal:  # logs and pipes: wide enough that tables are never truncated
     console.width = 200
+
+
+def begin_study(out_dir: str | Path, name: str, title: str, seed: int, config: Any) -> Path:
+    """Create the run folder, record the resolved settings in ``config.json``, announce the study."""
+    from steerable import __version__
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(
+        out / "config.json",
+        {"experiment": name, "seed": seed, "steerable_version": __version__, **config_to_dict(config)},
+    )
+    console.print(f"[bold]{title}[/bold] → {out}")
+    return out
 
 
 def child_seeds(seed: int, n: int) -> list[int]:

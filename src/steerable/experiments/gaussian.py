@@ -27,6 +27,7 @@ from steerable.bayes import BayesOptimalPredictor, gaussian_identification_error
 from steerable.data.sampler import make_task_batch
 from steerable.data.simulate import Population, gaussian_population
 from steerable.experiments.common import (
+    begin_study,
     child_seeds,
     console,
     print_accuracy_table,
@@ -37,8 +38,7 @@ from steerable.experiments.common import (
 from steerable.models.base import PreferenceOutput, RewardModel
 from steerable.plots import plot_error_vs_rho
 from steerable.training import TrainConfig
-from steerable.utils.config import config_to_dict, option
-from steerable.utils.files import write_json_atomic
+from steerable.utils.config import option
 
 
 @dataclass
@@ -113,11 +113,10 @@ def run_gaussian(
 ) -> dict[str, Any]:
     """Run the study; writes ``results.json`` and ``error_vs_rho.png``."""
     config = config or GaussianConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "config.json", {"experiment": "gaussian", "seed": seed, **config_to_dict(config)})
     start = time.perf_counter()
-    console.print(f"[bold]correlated-Gaussian identifiability study[/bold] (Example 4.3) → {out}")
+    out = begin_study(
+        out_dir, "gaussian", "correlated-Gaussian identifiability study (Example 4.3)", seed, config
+    )
     data_seed, train_seed, eval_seed = child_seeds(seed, 3)
     rho_key = lambda r: f"{float(r)}"  # noqa: E731
     errors: dict[str, dict[str, float]] = {

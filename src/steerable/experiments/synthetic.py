@@ -19,6 +19,7 @@ from steerable.bayes import step_bayes_accuracy
 from steerable.data.simulate import step_population
 from steerable.evaluation import evaluate
 from steerable.experiments.common import (
+    begin_study,
     child_seeds,
     console,
     print_accuracy_table,
@@ -30,8 +31,7 @@ from steerable.models.base import RewardModel
 from steerable.models.baselines import DPLRewardModel
 from steerable.plots import plot_accuracy_vs_context, plot_reward_functions_1d
 from steerable.training import TrainConfig
-from steerable.utils.config import config_to_dict, option
-from steerable.utils.files import write_json_atomic
+from steerable.utils.config import option
 
 
 @dataclass
@@ -54,15 +54,10 @@ def run_synthetic(
 ) -> dict[str, Any]:
     """Run the study; writes ``results.json``, ``accuracy_vs_context.png``, ``reward_functions.png``."""
     config = config or SyntheticConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(
-        out / "config.json", {"experiment": "synthetic", "seed": seed, **config_to_dict(config)}
-    )
     start = time.perf_counter()
+    out = begin_study(out_dir, "synthetic", "synthetic 1-D study (Example 4.1)", seed, config)
     population = step_population()
     data_seed, train_seed, eval_seed = child_seeds(seed, 3)
-    console.print(f"[bold]synthetic 1-D study[/bold] (Example 4.1) → {out}")
     data = simulate_splits(
         population,
         out / "data",
