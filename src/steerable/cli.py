@@ -274,8 +274,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 # ---- experiments --------------------------------------------------------------------------------------
 def _add_experiment(sub: argparse._SubParsersAction) -> None:
-    from steerable.experiments.gaussian import GaussianConfig
-    from steerable.experiments.synthetic import SyntheticConfig
+    from steerable.experiments import STUDIES
 
     p = sub.add_parser(
         "experiment",
@@ -283,15 +282,9 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
         description="Each study writes results.json, PNG plots and a printed table into --out.",
     )
     studies = p.add_subparsers(dest="study", required=True, metavar="STUDY")
-    for name, config_cls, help_text in (
-        (
-            "synthetic",
-            SyntheticConfig,
-            "Example 4.1 / Figure 1: BTL, DPL and NP-BTL on two hidden modes (~3 min)",
-        ),
-        ("gaussian", GaussianConfig, "Example 4.3 / Figure 4: identifiability vs correlation (~5 min)"),
-    ):
-        q = studies.add_parser(name, help=help_text, description=help_text)
+    for name, study in STUDIES.items():
+        config_cls, _ = study.load()
+        q = studies.add_parser(name, help=study.help, description=study.help)
         q.add_argument("--out", type=Path, required=True, help="output folder")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument(
@@ -304,15 +297,15 @@ def _add_experiment(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_experiment(args: argparse.Namespace) -> int:
-    config = config_from_args(args.config_cls, args)
-    if args.study == "synthetic":
-        from steerable.experiments.synthetic import run_synthetic
+    from steerable.experiments import run_study
 
-        run_synthetic(args.out, seed=args.seed, config=config, overwrite=args.overwrite)
-    elif args.study == "gaussian":
-        from steerable.experiments.gaussian import run_gaussian
-
-        run_gaussian(args.out, seed=args.seed, config=config, overwrite=args.overwrite)
+    run_study(
+        args.study,
+        args.out,
+        seed=args.seed,
+        config=config_from_args(args.config_cls, args),
+        overwrite=args.overwrite,
+    )
     return 0
 
 

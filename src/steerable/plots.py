@@ -122,3 +122,58 @@ def plot_error_vs_rho(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_accuracy_per_mode(
+    path: str | Path,
+    modes: list[str],
+    models: Mapping[str, Mapping[str, Mapping[str, float]]],
+    title: str = "",
+) -> Path:
+    """Figures 2a/6a: one panel per user type; NP-BTL vs N^C, BTL-mixed, and the type's oracle (dashed)."""
+    fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.6), sharey=True, squeeze=False)
+    styles = {
+        "np-btl": ("tab:blue", "-", "o"),
+        "btl-mixed": ("tab:gray", "-", "s"),
+        "btl-oracle": ("black", "--", None),
+    }
+    for ax, mode in zip(axes[0], modes, strict=True):
+        for name, per_mode in models.items():
+            curve = per_mode.get(mode)
+            if not curve:
+                continue
+            ks = sorted(int(k) for k in curve)
+            color, line, marker = styles.get(name, ("tab:purple", "-", "^"))
+            ax.plot(
+                ks, [curve[str(k)] for k in ks], color=color, linestyle=line, marker=marker, ms=4, label=name
+            )
+        ax.axhline(0.5, color="tab:red", lw=0.8, alpha=0.4)
+        ax.set_title(f"users preferring higher '{mode}'", fontsize=9)
+        ax.set_xlabel("context pairs $N^C$")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy on unseen pairs")
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_embedding_pca(
+    path: str | Path,
+    points: Mapping[int, tuple[np.ndarray, np.ndarray]],
+    modes: list[str],
+    silhouettes: Mapping[int, float | None],
+) -> Path:
+    """Figures 3/7: 2-D PCA of the user embeddings z for several N^C, coloured by the true type."""
+    fig, axes = plt.subplots(1, len(points), figsize=(3.8 * len(points), 3.6), squeeze=False)
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    for ax, (nc, (xy, labels)) in zip(axes[0], points.items(), strict=True):
+        for m, name in enumerate(modes):
+            sel = labels == m
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.5, color=colors[m % len(colors)], label=name)
+        sil = silhouettes.get(nc)
+        ax.set_title(f"$N^C$ = {nc}" + (f" (silhouette {sil:.2f})" if sil is not None else ""), fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0][0].legend(fontsize=8, markerscale=2)
+    return _save(fig, path)

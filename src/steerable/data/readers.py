@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,32 +18,70 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from steerable.data.schema import OPTION_FIELDS, REQUIRED_FIELDS, PreferenceData
+from steerable.data.text import TextPreferences, TextRowBuilder, is_text_row
 from steerable.errors import DataError
 
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
-def load_preferences(source: Any) -> PreferenceData:
+def load_any(source: Any) -> PreferenceData | TextPreferences:
     """Load and validate preference pairs from a path (``.jsonl``, ``.json``, ``.parquet``, a saved
-    ``datasets`` folder) or an in-memory ``datasets.Dataset`` / ``pyarrow.Table``."""
+    ``datasets`` folder) or an in-memory ``datasets.Dataset`` / ``pyarrow.Table``: numeric options give
+    :class:`PreferenceData`, text options (strings or message lists) :class:`TextPreferences`."""
     if isinstance(source, pa.Table):
-        return from_arrow(source, "<pyarrow.Table>")
+        return _from_table(source, "<pyarrow.Table>")
     if hasattr(source, "data") and hasattr(source.data, "table"):  # datasets.Dataset, without importing it
-        return from_arrow(source.data.table, "<datasets.Dataset>")
+        return _from_table(source.data.table, "<datasets.Dataset>")
     path = Path(source)
     name = str(path)
     if not path.exists():
         raise DataError("no such file or directory", source=name)
     if path.is_dir():
-        return _read_saved_dataset(path)
+        return _from_table(_read_saved_dataset(path), name)
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    if suffix in (".jsonl", ".jsonl.gz", ".ndjson"):
-        return read_jsonl(path)
-    if suffix in (".json", ".json.gz"):
-        return read_json(path)
+    if suffix in (".jsonl", ".jsonl.gz", ".ndjson", ".json", ".json.gz"):
+        return _from_rows(iter_json_rows(path), name)
     if suffix in (".parquet", ".pq"):
-        return read_parquet(path)
+        return _from_table(_read_parquet_table(path), name)
     raise DataError(f"unknown file type '{path.suffix}': use .jsonl, .json or .parquet", source=name)
+
+
+def load_preferences(source: Any) -> PreferenceData:
+    """Like :func:`load_any`, for numeric options only (features or precomputed embeddings)."""
+    data = load_any(source)
+    if isinstance(data, TextPreferences):
+        raise DataError(
+            "holds text options: embed them first (steerable.text.embed_preferences, or pass --embedder)",
+            source=data.source,
+        )
+    return data
+
+
+def _from_rows(rows: Iterator[tuple[str, Any]], source: str) -> PreferenceData | TextPreferences:
+    first = next(rows, None)
+    if first is None:
+        raise DataError("file is empty: no preference pairs", source=source)
+    builder = TextRowBuilder(source) if is_text_row(first[1]) else _RowBuilder(source)
+    builder.add(first[1], first[0])
+    for where, row in rows:
+        builder.add(row, where)
+    return builder.build()
+
+
+def _from_table(table: pa.Table, source: str) -> PreferenceData | TextPreferences:
+    if "chosen" in table.column_names:
+        kind = table.column("chosen").type
+        nested = getattr(kind, "value_type", None)
+        if (
+            pa.types.is_string(kind)
+            or pa.types.is_large_string(kind)
+            or (nested is not None and pa.types.is_struct(nested))
+        ):
+            if table.num_rows == 0:
+                raise DataError("no rows: no preference pairs", source=source)
+            rows = ((f"row {i + 1}", row) for i, row in enumerate(table.to_pylist()))
+            return _from_rows(rows, source)
+    return from_arrow(table, source)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -56,52 +95,58 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8")
 
 
-def read_jsonl(path: str | Path) -> PreferenceData:
-    """Read one JSON object per line; blank lines are skipped."""
+def iter_json_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """Yield (``"line N"`` or ``"item N"``, parsed row) from a JSON Lines or JSON-array file.
+
+    ``NaN``/``Infinity`` literals parse to non-finite floats (and are rejected by the validators);
+    invalid or truncated JSON raises :class:`DataError` naming the line.
+    """
     path = Path(path)
-    builder = _RowBuilder(str(path))
+    suffix = path.suffixes[-2] if path.suffix == ".gz" and len(path.suffixes) > 1 else path.suffix
     try:
         with _open_text(path) as handle:
+            if suffix == ".json":
+                text = handle.read()
+                if not text.strip():
+                    return
+                try:
+                    rows = json.loads(text, parse_constant=_NON_FINITE.__getitem__)
+                except json.JSONDecodeError as exc:
+                    raise DataError(
+                        f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", source=str(path)
+                    ) from None
+                if not isinstance(rows, list):
+                    raise DataError(
+                        "expected a JSON array of objects (or use .jsonl: one object per line)",
+                        source=str(path),
+                    )
+                yield from ((f"item {n}", row) for n, row in enumerate(rows, start=1))
+                return
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
-                where = f"line {number}"
                 try:
                     row = json.loads(line, parse_constant=_NON_FINITE.__getitem__)
                 except json.JSONDecodeError as exc:
                     raise DataError(
-                        f"invalid JSON ({exc.msg} at column {exc.colno})", source=str(path), row=where
+                        f"invalid JSON ({exc.msg} at column {exc.colno})",
+                        source=str(path),
+                        row=f"line {number}",
                     ) from None
-                builder.add(row, where)
+                yield f"line {number}", row
     except UnicodeDecodeError as exc:
         raise DataError(f"not UTF-8 text ({exc.reason})", source=str(path)) from None
-    return builder.build()
 
 
-def read_json(path: str | Path) -> PreferenceData:
-    """Read a JSON array of row objects."""
-    path = Path(path)
-    try:
-        with _open_text(path) as handle:
-            text = handle.read()
-    except UnicodeDecodeError as exc:
-        raise DataError(f"not UTF-8 text ({exc.reason})", source=str(path)) from None
-    if not text.strip():
-        raise DataError("file is empty: no preference pairs", source=str(path))
-    try:
-        rows = json.loads(text, parse_constant=_NON_FINITE.__getitem__)
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", source=str(path)
-        ) from None
-    if not isinstance(rows, list):
-        raise DataError(
-            "expected a JSON array of objects (or use .jsonl: one object per line)", source=str(path)
-        )
+def read_jsonl(path: str | Path) -> PreferenceData:
+    """Read one JSON object per line; blank lines are skipped."""
     builder = _RowBuilder(str(path))
-    for number, row in enumerate(rows, start=1):
-        builder.add(row, f"item {number}")
+    for where, row in iter_json_rows(path):
+        builder.add(row, where)
     return builder.build()
+
+
+read_json = read_jsonl  # a JSON array of row objects: same rows, named "item N"
 
 
 class _RowBuilder:
@@ -217,18 +262,21 @@ def _describe(value: Any) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Parquet / Arrow / datasets: validated column-wise, errors name the (1-based) row.
 # ----------------------------------------------------------------------------------------------------
-def read_parquet(path: str | Path) -> PreferenceData:
-    """Read a Parquet file with the columns of :mod:`steerable.data.schema`."""
+def _read_parquet_table(path: str | Path) -> pa.Table:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        return pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"not a readable Parquet file ({exc})", source=str(path)) from None
-    return from_arrow(table, str(path))
 
 
-def _read_saved_dataset(path: Path) -> PreferenceData:
+def read_parquet(path: str | Path) -> PreferenceData:
+    """Read a Parquet file of numeric options with the columns of :mod:`steerable.data.schema`."""
+    return from_arrow(_read_parquet_table(path), str(path))
+
+
+def _read_saved_dataset(path: Path) -> pa.Table:
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a dev dependency
@@ -241,7 +289,7 @@ def _read_saved_dataset(path: Path) -> PreferenceData:
         raise DataError(f"not a saved Hugging Face dataset ({exc})", source=str(path)) from None
     if isinstance(dataset, datasets.DatasetDict):
         raise DataError(f"holds splits {sorted(dataset)}: pass one split's folder", source=str(path))
-    return from_arrow(dataset.data.table, str(path))
+    return dataset.data.table
 
 
 def _first_true(mask: np.ndarray) -> int:

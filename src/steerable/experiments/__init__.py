@@ -1,1 +1,61 @@
-"""The paper's studies, one function (and one ``steerable experiment`` command) each."""
+"""The paper's studies, one function (and one ``steerable experiment NAME`` command) each."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Study:
+    """Where a study lives: ``module.function(out_dir, seed=..., config=..., overwrite=..., **kwargs)``."""
+
+    module: str
+    config: str
+    function: str
+    help: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def load(self) -> tuple[type, Any]:
+        module = importlib.import_module(f"steerable.experiments.{self.module}")
+        return getattr(module, self.config), getattr(module, self.function)
+
+
+STUDIES: dict[str, Study] = {
+    "synthetic": Study(
+        "synthetic",
+        "SyntheticConfig",
+        "run_synthetic",
+        "Example 4.1 / Figure 1: BTL, DPL and NP-BTL on two hidden modes (~2 min)",
+    ),
+    "gaussian": Study(
+        "gaussian",
+        "GaussianConfig",
+        "run_gaussian",
+        "Example 4.3 / Figure 4: identifiability vs correlation (~4 min)",
+    ),
+    "hh": Study(
+        "modes",
+        "ModesConfig",
+        "run_modes",
+        "Figures 2a, 3: two user types on real text (~6 min)",
+        {"study_name": "hh", "num_modes": 2},
+    ),
+    "three-modes": Study(
+        "modes",
+        "ModesConfig",
+        "run_modes",
+        "Figures 6a, 7: three user types on real text",
+        {"study_name": "three-modes", "num_modes": 3},
+    ),
+}
+
+
+def run_study(
+    name: str, out_dir: Any, seed: int = 0, config: Any = None, overwrite: bool = False
+) -> dict[str, Any]:
+    """Run the study ``name`` (see :data:`STUDIES`) and return its results."""
+    study = STUDIES[name]
+    _, function = study.load()
+    return function(out_dir=out_dir, seed=seed, config=config, overwrite=overwrite, **study.kwargs)
