@@ -19,7 +19,6 @@ def test_np_btl_learns_the_hidden_modes(step_data):
         max_steps=150, eval_every=50, batch_size=32, learning_rate=3e-3, max_context=8, num_targets=16
     )
     result = train_reward_model(model, train, val, config)
-    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"]
     accuracy = evaluate(result.model, val, [0, 8], num_targets=16, num_tasks=200, seed=0).accuracy
     assert accuracy[8] > 0.85 and accuracy[8] > accuracy[0] + 0.08  # a context-free model stays at 0.75
 

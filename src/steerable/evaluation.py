@@ -32,6 +32,7 @@ class _Tally:
     task_correct: list[np.ndarray] = field(default_factory=list)
     task_count: list[np.ndarray] = field(default_factory=list)
     task_mode: list[np.ndarray] = field(default_factory=list)
+    task_user: list[np.ndarray] = field(default_factory=list)
     prob: list[np.ndarray] = field(default_factory=list)
     log_loss_sum: float = 0.0
 
@@ -42,8 +43,16 @@ class _Tally:
         self.task_correct.append((hit * mask).sum(1).cpu().numpy())
         self.task_count.append(mask.sum(1).cpu().numpy())
         self.task_mode.append(batch.hidden_mode.cpu().numpy())
+        self.task_user.append(batch.user_index.cpu().numpy())
         self.prob.append(out.prob_chosen[mask].double().cpu().numpy())
         self.log_loss_sum += float(-out.log_prob_chosen.double().clamp(min=-50.0)[mask].sum())
+
+    def per_task(self) -> dict[str, np.ndarray]:
+        return {
+            "user_index": np.concatenate(self.task_user),
+            "correct": np.concatenate(self.task_correct),
+            "count": np.concatenate(self.task_count),
+        }
 
     def summary(self) -> dict[str, Any]:
         correct, count = np.concatenate(self.task_correct), np.concatenate(self.task_count)
@@ -96,6 +105,7 @@ class EvaluationResult:
     num_targets: int
     num_tasks: int
     mode_names: list[str] | None = None
+    tasks: dict[int, dict[str, np.ndarray]] | None = None  # per N^C: user_index, correct, count (keep_tasks)
 
     @property
     def accuracy(self) -> dict[int, float]:
@@ -142,10 +152,12 @@ def evaluate(
     population: Population | None = None,
     batch_size: int = 256,
     progress: bool | None = None,
+    keep_tasks: bool = False,
 ) -> EvaluationResult:
     """Accuracy vs N^C of ``predictor`` (a reward model, or any ``batch -> PreferenceOutput``).
 
-    ``population`` (the simulator that made ``data``) adds the Bayes-optimal accuracy on the same tasks.
+    ``population`` (the simulator that made ``data``) adds the Bayes-optimal accuracy on the same tasks;
+    ``keep_tasks`` keeps each task's user and score (e.g. to bin accuracy over hidden user weights).
     """
     from steerable.bayes import BayesOptimalPredictor
 
@@ -183,4 +195,17 @@ def evaluate(
         num_targets=num_targets,
         num_tasks=num_tasks,
         mode_names=population.mode_names if population is not None else None,
+        tasks={c: t.per_task() for c, t in model_tally.items()} if keep_tasks else None,
     )
+
+
+@torch.no_grad()
+def evaluate_batches(predictor: Predictor | torch.nn.Module, batches: list[TaskBatch]) -> dict[str, Any]:
+    """Metrics (accuracy, stderr, log loss, ECE, by mode) over ready-made task batches, e.g. tasks
+    drawn straight from a pair pool with their own context and target conflict rates."""
+    if isinstance(predictor, torch.nn.Module):
+        predictor.eval()
+    tally = _Tally()
+    for batch in batches:
+        tally.add(predictor(batch), batch)
+    return tally.summary()

@@ -101,9 +101,10 @@ class _FoldedScorer:
         self.weight = weight
         self.bias = decoder.user_bias(z) + bias  # (S, H)
         self.suffix = decoder.reward_net[1:]
+        self.standardize = model.standardize
 
     def __call__(self, options: Tensor) -> Tensor:
-        g = self.prefix(options)  # (N, H_in)
+        g = self.prefix(self.standardize(options))  # (N, H_in)
         if len(self.bias) == 1:
             h = torch.addmm(self.bias[0], g, self.weight.T).unsqueeze(0)  # (1, N, H)
         else:

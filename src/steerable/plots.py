@@ -177,3 +177,93 @@ def plot_embedding_pca(
         ax.set_yticks([])
     axes[0][0].legend(fontsize=8, markerscale=2)
     return _save(fig, path)
+
+
+def plot_conflict_rate(
+    path: str | Path, accuracy: Mapping[str, Mapping[str, Mapping[str, float]]], context_sizes: list[int]
+) -> Path:
+    """Figure 5: accuracy on conflicting targets vs the context's conflict rate, per training rate."""
+    fig, axes = plt.subplots(
+        1, len(context_sizes), figsize=(3.6 * len(context_sizes), 3.4), sharey=True, squeeze=False
+    )
+    cmap = plt.get_cmap("viridis")
+    for ax, nc in zip(axes[0], context_sizes, strict=True):
+        for i, (name, per_rate) in enumerate(accuracy.items()):
+            rates = sorted(per_rate, key=float)
+            ax.plot(
+                [float(r) for r in rates],
+                [per_rate[r][str(nc)] for r in rates],
+                marker="o",
+                ms=4,
+                color=cmap(i / max(1, len(accuracy) - 1)),
+                label=name.replace("train_conflict_rate=", "trained at "),
+            )
+        ax.axhline(0.5, color="tab:red", lw=0.8, alpha=0.4)
+        ax.set_title(f"$N^C$ = {nc}", fontsize=9)
+        ax.set_xlabel("context conflict rate")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (all targets conflict)")
+    axes[0][0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_weight_curve(path: str | Path, result: Mapping, context_sizes: list[int]) -> Path:
+    """Figure 8a: accuracy vs the user's weight on the first attribute (2-D Dirichlet users), per N^C."""
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    centers = [(a + b) / 2 for a, b in result["bins"]]
+    cmap = plt.get_cmap("viridis")
+    for i, nc in enumerate(context_sizes):
+        acc = result["accuracy"][str(nc)]
+        xs = [c for c, a in zip(centers, acc, strict=True) if a is not None]
+        ax.plot(
+            xs,
+            [a for a in acc if a is not None],
+            marker="o",
+            ms=4,
+            color=cmap(i / max(1, len(context_sizes) - 1)),
+            label=f"$N^C$ = {nc}",
+        )
+    a0, a1 = result["attributes"][:2]
+    ax.set_xlabel(f"user weight on '{a0}' (1 − weight on '{a1}')")
+    ax.set_ylabel("accuracy on unseen pairs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_simplex_accuracy(path: str | Path, result: Mapping, context_sizes: list[int], bins: int) -> Path:
+    """Figure 8b: accuracy over the 3-D simplex of user weights (triangles of edge 1/bins), per N^C."""
+    from matplotlib.collections import PolyCollection
+
+    def corner(w: np.ndarray) -> tuple[float, float]:  # barycentric -> 2-D
+        return float(w[1] + w[2] / 2), float(w[2] * np.sqrt(3) / 2)
+
+    polygons = []
+    for cell in result["bins"]:
+        i, j, up = cell["i"], cell["j"], cell["up"]
+        k = bins - 1 - i - j if up else bins - 2 - i - j
+        base = np.array([i, j, k], dtype=float)
+        if up:
+            verts = [base + np.array(d) for d in ([1, 0, 0], [0, 1, 0], [0, 0, 1])]
+        else:
+            verts = [base + np.array(d) for d in ([1, 1, 0], [1, 0, 1], [0, 1, 1])]
+        polygons.append([corner(v / bins) for v in verts])
+    fig, axes = plt.subplots(1, len(context_sizes), figsize=(3.3 * len(context_sizes), 3.2), squeeze=False)
+    for ax, nc in zip(axes[0], context_sizes, strict=True):
+        values = np.array([np.nan if a is None else a for a in result["accuracy"][str(nc)]])
+        coll = PolyCollection(
+            polygons, array=np.ma.masked_invalid(values), cmap="viridis", edgecolors="white", linewidths=0.3
+        )
+        coll.set_clim(0.5, 1.0)
+        ax.add_collection(coll)
+        ax.set_xlim(-0.05, 1.05)
+        ax.set_ylim(-0.05, 0.92)
+        ax.set_aspect("equal")
+        ax.axis("off")
+        ax.set_title(f"$N^C$ = {nc}", fontsize=9)
+        names = result["attributes"]
+        ax.text(0, -0.04, names[0], ha="center", va="top", fontsize=7)
+        ax.text(1, -0.04, names[1], ha="center", va="top", fontsize=7)
+        ax.text(0.5, 0.88, names[2], ha="center", va="bottom", fontsize=7)
+    fig.colorbar(coll, ax=axes[0].tolist(), shrink=0.7, label="accuracy")
+    return _save(fig, path)

@@ -275,6 +275,8 @@ def train_reward_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         start, elapsed, best = 0, 0.0, {"val_loss": math.inf, "step": 0, "stale": 0}
+        if out is None:
+            model.fit_standardization(train_data)
         if out is not None:
             if overwrite:
                 for name in (
@@ -289,6 +291,8 @@ def train_reward_model(
                     target = out / name
                     shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
             restored = load_checkpoint(ckpt_dir, model, optimizer)
+            if restored is None:
+                model.fit_standardization(train_data)
             if restored is not None:
                 meta, rng = restored
                 _check_same_run(meta["description"], description, out)

@@ -53,7 +53,7 @@ class ModesConfig(TextDataConfig):
     conflict_rate: float | None = option(
         1.0, "share of conflicting pairs each user answers (none: as they come)"
     )
-    np_steps: int = option(1500, "NP-BTL training steps")
+    np_steps: int = option(800, "NP-BTL training steps")
     btl_steps: int = option(600, "training steps of each BTL model")
     context_sizes: list[int] = option([0, 1, 3, 5, 10], "N^C values evaluated")
     pca_context_sizes: list[int] = option([1, 3, 10], "N^C values shown in the PCA figure")
@@ -100,7 +100,12 @@ def run_modes(
     k = len(modes)
     mixed = simulate_splits_from_pools(study, mode_population(k), config, config.conflict_rate, data_seed)
     sizes = sorted(config.context_sizes)
-    train_cfg = lambda steps: TrainConfig(max_steps=steps, max_context=max(sizes), seed=train_seed)  # noqa: E731
+
+    def train_cfg(steps: int) -> TrainConfig:
+        return TrainConfig(
+            max_steps=steps, max_context=max(sizes), learning_rate=config.learning_rate, seed=train_seed
+        )
+
     results: dict[str, Any] = {
         "experiment": study_name,
         "seed": seed,
@@ -186,7 +191,7 @@ def run_modes(
         out / "embedding_pca.png", pca, modes, {c: results["silhouette"].get(str(c)) for c in pca}
     )
     rows = {
-        f"{name} [{m}]": {int(c): v for c, v in curve.items()}
+        f"{name} ({m})": {int(c): v for c, v in curve.items()}
         for name, per in results["models"].items()
         for m, curve in per.items()
     }

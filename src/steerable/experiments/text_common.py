@@ -50,6 +50,10 @@ class TextDataConfig:
     val_users: int = option(300, "simulated validation users")
     test_users: int = option(600, "simulated test users")
     pairs_per_user: int = option(30, "answered pairs per simulated user")
+    learning_rate: float = option(
+        1e-4,
+        "Adam learning rate of every model (the paper's; 1e-3 overfits ~3k training answers by step 200)",
+    )
 
 
 def load_table(data: str, max_prompts: int | None, seed: int) -> tuple[ResponseTable, str]:

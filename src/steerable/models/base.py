@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -59,6 +60,9 @@ class RewardModelConfig:
     )
     train_samples: int = option(4, "samples of z per task for the 'ml' objective")
     min_std: float = option(1e-3, "smallest standard deviation of DPL rewards and of q(z) in vnp-btl")
+    standardize_inputs: bool = option(
+        True, "standardise each option feature with the training data's mean and standard deviation"
+    )
 
     def __post_init__(self) -> None:
         from steerable.models.registry import MODEL_TYPES
@@ -123,6 +127,25 @@ class RewardModel(nn.Module):
     def __init__(self, config: RewardModelConfig) -> None:
         super().__init__()
         self.config = config
+        # Per-feature standardisation of every option the model sees, fitted on the training data
+        # (fit_standardization) and saved with the weights. Text embeddings are unit vectors dominated by
+        # the shared prompt; standardised, the small differences between two answers become visible.
+        self.register_buffer("input_shift", torch.zeros(config.input_dim))
+        self.register_buffer("input_scale", torch.ones(config.input_dim))
+
+    def standardize(self, options: Tensor) -> Tensor:
+        """(..., D) raw options -> (..., D) standardised options (the identity until fitted)."""
+        return (options - self.input_shift) / self.input_scale
+
+    @torch.no_grad()
+    def fit_standardization(self, data: Any) -> None:
+        """Set the standardisation from the options (chosen and rejected) of ``data``."""
+        if not self.config.standardize_inputs:
+            return
+        options = torch.from_numpy(np.concatenate([data.chosen, data.rejected])).double()
+        std = options.std(dim=0)
+        self.input_shift.copy_(options.mean(dim=0))
+        self.input_scale.copy_(torch.where(std > 1e-8, std, torch.ones_like(std)))
 
     # ---- to implement --------------------------------------------------------------------------
     def encode(self, chosen: Tensor, rejected: Tensor, mask: Tensor) -> Latent | None:

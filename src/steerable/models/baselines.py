@@ -20,7 +20,7 @@ class BTLRewardModel(RewardModel):
         self.reward_net = mlp(config.input_dim, config.hidden_dim, 1, config.num_layers, config.activation)
 
     def option_rewards(self, options: Tensor, latent: Latent | None = None) -> Tensor:
-        return self.reward_net(options).squeeze(-1)  # (B, N)
+        return self.reward_net(self.standardize(options)).squeeze(-1)  # (B, N)
 
     def preference(self, chosen: Tensor, rejected: Tensor, latent: Latent | None) -> PreferenceOutput:
         n = chosen.shape[-2]
@@ -40,7 +40,7 @@ class DPLRewardModel(RewardModel):
 
     def mean_and_std(self, options: Tensor) -> tuple[Tensor, Tensor]:
         """(B, N, D) -> μ (B, N), σ (B, N)."""
-        mean, log_std = self.reward_net(options).unbind(-1)
+        mean, log_std = self.reward_net(self.standardize(options)).unbind(-1)
         return mean, log_std.clamp(-10.0, 10.0).exp() + self.config.min_std
 
     def option_rewards(self, options: Tensor, latent: Latent | None = None) -> Tensor:

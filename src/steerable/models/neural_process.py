@@ -83,15 +83,15 @@ class NPBTLRewardModel(RewardModel):
         return config.latent_dim
 
     def encode(self, chosen: Tensor, rejected: Tensor, mask: Tensor) -> Latent:
-        return Latent(self.encoder(chosen, rejected, mask))  # (B, Z)
+        return Latent(self.encoder(self.standardize(chosen), self.standardize(rejected), mask))  # (B, Z)
 
     def option_rewards(self, options: Tensor, latent: Latent | None) -> Tensor:
         assert latent is not None, "NP-BTL needs a latent (encode the context first)"
-        return self.decoder(options, latent.mean)
+        return self.decoder(self.standardize(options), latent.mean)
 
     def _pair_log_probs(self, chosen: Tensor, rejected: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
         n = chosen.shape[-2]
-        rewards = self.decoder(torch.cat([chosen, rejected], dim=-2), z)  # (..., B, 2N)
+        rewards = self.decoder(self.standardize(torch.cat([chosen, rejected], dim=-2)), z)  # (..., B, 2N)
         r_c, r_r = rewards[..., :n], rewards[..., n:]
         return btl_log_prob(r_c, r_r), btl_log_prob(r_r, r_c)
 
@@ -123,7 +123,8 @@ class VariationalNPBTLRewardModel(NPBTLRewardModel):
         return 2 * config.latent_dim
 
     def encode(self, chosen: Tensor, rejected: Tensor, mask: Tensor) -> Latent:
-        mean, raw_std = self.encoder(chosen, rejected, mask).chunk(2, dim=-1)  # (B, Z) each
+        features = self.encoder(self.standardize(chosen), self.standardize(rejected), mask)
+        mean, raw_std = features.chunk(2, dim=-1)  # (B, Z) each
         return Latent(mean, self.config.min_std + (1 - self.config.min_std) * F.softplus(raw_std))
 
     def samples(self, latent: Latent, num_samples: int | None = None) -> Tensor:
@@ -138,7 +139,7 @@ class VariationalNPBTLRewardModel(NPBTLRewardModel):
     def option_rewards(self, options: Tensor, latent: Latent | None) -> Tensor:
         """Posterior mean reward E_q[r(y | z)] (B, N)."""
         assert latent is not None
-        return self.decoder(options, self.samples(latent)).mean(dim=0)
+        return self.decoder(self.standardize(options), self.samples(latent)).mean(dim=0)
 
     def preference(self, chosen: Tensor, rejected: Tensor, latent: Latent | None) -> PreferenceOutput:
         assert latent is not None

@@ -208,26 +208,30 @@ class Embedder:
     def embed_texts(self, texts: list[str], progress: bool | None = None) -> np.ndarray:
         """(N,) texts -> (N, D) float32, reading the cache and embedding only what is missing."""
         start = time.perf_counter()
+        keys = self.fill_cache(texts, progress=progress)
+        if self._state is not None:  # every process waits for the others' shards, then reads them
+            self._state.wait_for_everyone()
+            self.cache.refresh()
+        vectors = self.cache.get(keys) if keys else np.zeros((0, 0), dtype=np.float32)
+        self.stats.seconds = time.perf_counter() - start
+        return vectors
+
+    def fill_cache(self, texts: list[str], progress: bool | None = None) -> list[bytes]:
+        """Embed this process's share of the texts missing from the cache (shards are dealt round-robin
+        to the ``world`` processes); returns every text's cache key."""
         self.stats = EmbeddingStats(texts=len(texts))
         keys = [text_key(t) for t in texts]
         unique = dict(zip(keys, texts, strict=True))
         self.stats.unique = len(unique)
         missing = self.cache.missing(unique)
         self.stats.cached = len(unique) - len(missing)
-        if missing:
-            shards = [
-                missing[i : i + self.config.shard_size]
-                for i in range(0, len(missing), self.config.shard_size)
-            ]
-            mine = [s for i, s in enumerate(shards) if i % self.world == self.rank]
-            self._embed_into_cache([(k, unique[k]) for shard in mine for k in shard], progress)
-            if self._state is not None:
-                self._state.wait_for_everyone()
-                self.cache.refresh()
-            self.stats.embedded = len(missing)
-        vectors = self.cache.get(keys) if keys else np.zeros((0, 0), dtype=np.float32)
-        self.stats.seconds = time.perf_counter() - start
-        return vectors
+        shards = [
+            missing[i : i + self.config.shard_size] for i in range(0, len(missing), self.config.shard_size)
+        ]
+        mine = [s for n, s in enumerate(shards) if n % self.world == self.rank]
+        self._embed_into_cache([(k, unique[k]) for shard in mine for k in shard], progress)
+        self.stats.embedded = sum(len(s) for s in mine)
+        return keys
 
     @property
     def _affixes(self) -> tuple[list[int], list[int]]:
