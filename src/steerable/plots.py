@@ -213,18 +213,18 @@ def plot_weight_curve(path: str | Path, result: Mapping, context_sizes: list[int
     centers = [(a + b) / 2 for a, b in result["bins"]]
     cmap = plt.get_cmap("viridis")
     for i, nc in enumerate(context_sizes):
-        acc = result["accuracy"][str(nc)]
-        xs = [c for c, a in zip(centers, acc, strict=True) if a is not None]
-        ax.plot(
-            xs,
-            [a for a in acc if a is not None],
-            marker="o",
-            ms=4,
-            color=cmap(i / max(1, len(context_sizes) - 1)),
-            label=f"$N^C$ = {nc}",
-        )
+        color = cmap(i / max(1, len(context_sizes) - 1))
+        for key, style in (
+            ("accuracy", {"marker": "o", "ms": 4, "label": f"$N^C$ = {nc}"}),
+            ("bayes_accuracy", {"linestyle": "--", "lw": 1, "alpha": 0.8}),
+        ):
+            values = result.get(key, {}).get(str(nc))
+            if values:
+                xs = [c for c, a in zip(centers, values, strict=True) if a is not None]
+                ax.plot(xs, [a for a in values if a is not None], color=color, **style)
     a0, a1 = result["attributes"][:2]
     ax.set_xlabel(f"user weight on '{a0}' (1 − weight on '{a1}')")
+    ax.set_title("solid: NP-BTL; dashed: Bayes-optimal with the true attributes, same tasks", fontsize=8)
     ax.set_ylabel("accuracy on unseen pairs")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -39,15 +39,27 @@ STUDIES: dict[str, Study] = {
         "modes",
         "ModesConfig",
         "run_modes",
-        "Figures 2a, 3: two user types on real text (~6 min)",
+        "Figures 2a, 3: two user types on real text (~5 min; ~1.5 min with the embedding cache warm)",
         {"study_name": "hh", "num_modes": 2},
     ),
     "three-modes": Study(
         "modes",
         "ModesConfig",
         "run_modes",
-        "Figures 6a, 7: three user types on real text",
+        "Figures 6a, 7: three user types on real text (~1.5 min with the embedding cache warm)",
         {"study_name": "three-modes", "num_modes": 3},
+    ),
+    "conflict-rate": Study(
+        "conflict_rate",
+        "ConflictRateConfig",
+        "run_conflict_rate",
+        "Figure 5: training and context conflict rates on real text (~3 min)",
+    ),
+    "continuous": Study(
+        "continuous",
+        "ContinuousConfig",
+        "run_continuous",
+        "Figure 8: Dirichlet users over 2 and 3 attributes on real text (~3 min)",
     ),
 }
 

@@ -90,7 +90,8 @@ def print_accuracy_table(
     title: str, columns: Sequence[int | float], rows: Mapping[str, Mapping[Any, float]], fmt: str = "{:.3f}"
 ) -> None:
     """A rich table: one row per model, one column per N^C (or ρ)."""
-    table = Table(title=title, title_justify="left")
+    console.print(f"[bold]{title}[/bold]")
+    table = Table()
     table.add_column("model")
     for c in columns:
         table.add_column(str(c), justify="right")

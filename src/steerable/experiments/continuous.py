@@ -8,6 +8,7 @@ triangles of edge 0.1 on the simplex in 3-D.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from steerable.bayes import BayesOptimalPredictor
 from steerable.data.simulate import Population
 from steerable.evaluation import evaluate
 from steerable.experiments.common import (
@@ -55,6 +57,14 @@ def simplex_bin(weights: np.ndarray, bins: int) -> np.ndarray:
     return np.stack([cell[:, 0], cell[:, 1], up], axis=1)
 
 
+def _binned(tasks: dict[str, np.ndarray], bin_of: np.ndarray, nbins: int) -> list[float | None]:
+    """Accuracy per bin of the tasks' users (None for empty bins)."""
+    which = bin_of[tasks["user_index"]]
+    correct = np.bincount(which, weights=tasks["correct"], minlength=nbins)
+    count = np.bincount(which, weights=tasks["count"], minlength=nbins)
+    return [float(a / n) if n else None for a, n in zip(correct, count, strict=True)]
+
+
 def run_continuous(
     out_dir: str | Path, seed: int = 0, config: ContinuousConfig | None = None, overwrite: bool = False
 ) -> dict[str, Any]:
@@ -88,11 +98,27 @@ def run_continuous(
         ev = evaluate(
             model, users["test"], sizes, num_tasks=config.eval_tasks, seed=eval_seed, keep_tasks=True
         )
+        # The same test users and tasks with the hidden attributes as options: the simulator's draws do
+        # not depend on the option vectors, so the Bayes-optimal predictor scores exactly the same tasks.
+        attrs = study.table.attributes[:, study.table.attribute_index(study.aspects)].astype(np.float32)
+        as_attributes = dataclasses.replace(study, embeddings=attrs)
+        test_attr = simulate_splits_from_pools(
+            as_attributes, population, config, config.conflict_rate, data_seed + dim
+        )["test"]
+        bayes = evaluate(
+            BayesOptimalPredictor(population, seed=eval_seed),
+            test_attr,
+            sizes,
+            num_tasks=config.eval_tasks,
+            seed=eval_seed,
+            keep_tasks=True,
+        )
         weights = users["test"].user_z  # (U, dim)
         key = f"{dim}d"
         results[key] = {
             "attributes": study.aspects,
             "overall": {str(c): ev.model[c]["accuracy"] for c in sizes},
+            "bayes_overall": {str(c): bayes.model[c]["accuracy"] for c in sizes},
             "embedding": study.embedding,
         }
         if dim == 2:
@@ -106,20 +132,20 @@ def run_continuous(
             position = {c: n for n, c in enumerate(distinct)}
             bin_of = np.array([position[tuple(c)] for c in cells.tolist()])
         nbins = len(results[key]["bins"])
-        results[key]["accuracy"], results[key]["tasks"] = {}, {}
+        results[key]["accuracy"], results[key]["bayes_accuracy"], results[key]["tasks"] = {}, {}, {}
         for c in sizes:
-            per = ev.tasks[c]
-            which = bin_of[per["user_index"]]
-            correct = np.bincount(which, weights=per["correct"], minlength=nbins)
-            count = np.bincount(which, weights=per["count"], minlength=nbins)
-            results[key]["accuracy"][str(c)] = [
-                float(a / n) if n else None for a, n in zip(correct, count, strict=True)
-            ]
-            results[key]["tasks"][str(c)] = np.bincount(which, minlength=nbins).tolist()
+            results[key]["accuracy"][str(c)] = _binned(ev.tasks[c], bin_of, nbins)
+            results[key]["bayes_accuracy"][str(c)] = _binned(bayes.tasks[c], bin_of, nbins)
+            results[key]["tasks"][str(c)] = np.bincount(
+                bin_of[ev.tasks[c]["user_index"]], minlength=nbins
+            ).tolist()
         print_accuracy_table(
             f"{dim}-D users: accuracy on unseen pairs (columns: N^C)",
             sizes,
-            {f"np-btl-{dim}d": {c: ev.model[c]["accuracy"] for c in sizes}},
+            {
+                f"np-btl-{dim}d": {c: ev.model[c]["accuracy"] for c in sizes},
+                "bayes-optimal": {c: bayes.model[c]["accuracy"] for c in sizes},
+            },
         )
     results["elapsed_s"] = time.perf_counter() - start
     write_results(out, results)

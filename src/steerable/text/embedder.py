@@ -89,9 +89,10 @@ class EmbeddingStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
+        longer = f" ({self.truncated} longer than the limit)" if self.embedded else ""
         return (
-            f"{self.texts} texts, {self.unique} unique: {self.cached} from cache, {self.embedded} embedded "
-            f"({self.truncated} longer than the limit) in {self.seconds:.1f} s"
+            f"{self.texts} texts, {self.unique} unique: {self.cached} from cache, {self.embedded} embedded"
+            f"{longer} in {self.seconds:.1f} s"
         )
 
 

@@ -122,13 +122,17 @@ class PairPool:
 
 
 def standardise(table: ResponseTable, aspects: list[str]) -> ResponseTable:
-    """A copy whose attributes in use have zero mean and unit variance over all responses (so Dirichlet
-    weights mix comparable scales); orderings, ties and conflicts are unchanged."""
+    """A copy whose attributes in use are replaced by their percentile rank in [0, 1] over all responses
+    (ties share their mean rank), so Dirichlet weights mix comparable, bounded scales — a z-score would
+    let heavy-tailed attributes such as word counts dominate every mixture. Orderings, ties and
+    conflicts are unchanged."""
+    from scipy.stats import rankdata
+
     attributes = table.attributes.copy()
     for c in table.attribute_index(aspects):
         col = attributes[:, c]
         ok = np.isfinite(col)
-        attributes[ok, c] = (col[ok] - col[ok].mean()) / (col[ok].std() + 1e-12)
+        attributes[ok, c] = (rankdata(col[ok]) - 0.5) / ok.sum()
     return ResponseTable(
         table.prompts,
         table.prompt_of,
@@ -143,12 +147,14 @@ def standardise(table: ResponseTable, aspects: list[str]) -> ResponseTable:
 def _draw_pairs(
     pool_size: int, conflicting: np.ndarray, n: int, conflict_rate: float | None, rng: np.random.Generator
 ) -> np.ndarray:
-    """Indices of ``n`` distinct pool pairs, ``round(conflict_rate · n)`` of them conflicting."""
+    """Indices of ``n`` distinct pool pairs, of which ``conflict_rate · n`` are conflicting — rounded at
+    random (⌊c·n⌋ or ⌈c·n⌉) so that the expected share is exactly ``conflict_rate`` even for small n."""
     if conflict_rate is None:
         if n > pool_size:
             raise DataError(f"a user needs {n} pairs but the pool has {pool_size}")
         return rng.choice(pool_size, size=n, replace=False)
-    k = round(conflict_rate * n)
+    k = int(np.floor(conflict_rate * n))
+    k += int(rng.random() < conflict_rate * n - k)
     yes, no = np.flatnonzero(conflicting), np.flatnonzero(~conflicting)
     if k > len(yes) or n - k > len(no):
         raise DataError(
