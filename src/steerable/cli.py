@@ -140,6 +140,76 @@ def _run_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- text -> vectors ----------------------------------------------------------------------------------
+def _add_embedder_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("embedding (text data)")
+    g.add_argument(
+        "--embedder",
+        default="all-MiniLM-L6-v2",
+        help="embedding model for text options: folder, hub name, "
+        "all-MiniLM-L6-v2 (default) or SmolLM2-135M-Instruct",
+    )
+    g.add_argument(
+        "--embed-max-length", type=int, default=256, help="embedder tokens per text or window (default: 256)"
+    )
+    g.add_argument(
+        "--long-texts",
+        choices=["chunk", "truncate"],
+        default="chunk",
+        help="texts over the limit: average over windows (default) or cut",
+    )
+    g.add_argument(
+        "--cache-dir", default=None, help="embedding cache (default: $STEERABLE_CACHE or ~/.cache/steerable)"
+    )
+
+
+def _load_vectors(path: str, args: argparse.Namespace):
+    """Preference pairs as vectors: numeric files as they are, text files through the embedder."""
+    from steerable.data.readers import load_any
+    from steerable.data.text import TextPreferences
+
+    data = load_any(path)
+    if not isinstance(data, TextPreferences):
+        return data
+    from steerable.text.embedder import Embedder, EmbedderConfig, embed_preferences
+
+    embedder = Embedder(
+        EmbedderConfig(
+            model=args.embedder,
+            max_length=args.embed_max_length,
+            long_texts=args.long_texts,
+            cache_dir=args.cache_dir,
+        )
+    )
+    vectors = embed_preferences(data, embedder)
+    print(f"{path}: embedded with {args.embedder}: {embedder.stats.summary()}")
+    args.used_embedder = embedder
+    return vectors
+
+
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="turn text preference pairs into vector pairs (Parquet), through the cache",
+        description="Embed each option [prompt ‖ completion] of a text preference file.",
+    )
+    p.add_argument(
+        "--data", required=True, help="text pairs (.jsonl, .json, .parquet or a saved datasets folder)"
+    )
+    p.add_argument("--out", type=Path, required=True, help="output file (.parquet or .jsonl)")
+    _add_embedder_arguments(p)
+    p.set_defaults(run=_run_embed)
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    from steerable.data.writers import write_preferences
+
+    data = _load_vectors(args.data, args)
+    write_preferences(data, args.out)
+    print(f"wrote {args.out}: {data.summary()}")
+    return 0
+
+
 # ---- train --------------------------------------------------------------------------------------------
 def _add_train(sub: argparse._SubParsersAction) -> None:
     from steerable.models.base import RewardModelConfig
@@ -167,17 +237,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     add_config_arguments(p.add_argument_group("model"), RewardModelConfig, skip=("model_type", "input_dim"))
     add_config_arguments(p.add_argument_group("training"), TrainConfig)
+    _add_embedder_arguments(p)
     p.set_defaults(run=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from steerable.data.readers import load_preferences
     from steerable.models.base import RewardModelConfig
     from steerable.models.registry import build_reward_model
     from steerable.training import TrainConfig, train_reward_model
 
-    train = load_preferences(args.data)
-    val = load_preferences(args.val) if args.val else None
+    train = _load_vectors(args.data, args)
+    val = _load_vectors(args.val, args) if args.val else None
     if val is not None and val.dim != train.dim:
         raise ConfigError(f"{args.val}: options have {val.dim} values but {args.data} has {train.dim}")
     model_config = config_from_args(RewardModelConfig, args, input_dim=train.dim)
@@ -189,6 +259,10 @@ def _run_train(args: argparse.Namespace) -> int:
     result = train_reward_model(model, train, val, train_config, out_dir=args.out, overwrite=args.overwrite)
     if result.resumed_from:
         print(f"resumed from step {result.resumed_from}")
+    if getattr(args, "used_embedder", None) is not None:  # the model reads text through this embedder
+        from steerable.text.embedder import save_embedder_config
+
+        save_embedder_config(args.used_embedder.config, args.out)
     print(
         f"best validation loss {result.best_val_loss:.4f} at step {result.best_step} of {result.steps}; "
         f"model saved in {args.out}"
@@ -220,11 +294,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", type=Path, default=None, help="write the metrics to this JSON file")
     p.add_argument("--seed", type=int, default=0)
+    _add_embedder_arguments(p)
     p.set_defaults(run=_run_evaluate)
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from steerable.data.readers import load_preferences
     from steerable.data.simulate import Population
     from steerable.evaluation import evaluate
     from steerable.experiments.common import print_accuracy_table
@@ -232,7 +306,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from steerable.utils.files import write_json_atomic
 
     model = load_reward_model(args.model_dir)
-    data = load_preferences(args.data)
+    data = _load_vectors(args.data, args)
     if data.dim != model.config.input_dim:
         raise ConfigError(
             f"{args.data}: options have {data.dim} values, the model expects {model.config.input_dim}"
@@ -317,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"steerable {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_simulate(sub)
+    _add_embed(sub)
     _add_train(sub)
     _add_evaluate(sub)
     _add_experiment(sub)
