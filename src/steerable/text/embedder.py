@@ -335,3 +335,25 @@ def embed_preferences(
         hidden_z=data.hidden_z,
         source=data.source,
     )
+
+
+EMBEDDER_NAME = "embedder.json"
+
+
+def save_embedder_config(config: EmbedderConfig, model_dir: str | Path) -> Path:
+    """Record, next to a reward model, which embedder turns text into its inputs."""
+    from steerable.utils.files import write_json_atomic
+
+    path = Path(model_dir) / EMBEDDER_NAME
+    write_json_atomic(path, {k: v for k, v in asdict(config).items() if k not in ("cache_dir", "device")})
+    return path
+
+
+def load_embedder_config(model_dir: str | Path) -> EmbedderConfig | None:
+    """The embedder recorded next to a reward model (None for models trained on vectors)."""
+    import json
+
+    path = Path(model_dir) / EMBEDDER_NAME
+    if not path.exists():
+        return None
+    return EmbedderConfig(**json.loads(path.read_text(encoding="utf-8")))
