@@ -102,3 +102,60 @@ def test_parquet_copy_reads_the_same(tmp_path, table):
     np.testing.assert_array_equal(
         np.nan_to_num(again.attributes, nan=-1), np.nan_to_num(table.attributes, nan=-1)
     )
+
+
+def test_hh_study_runs_on_ultrafeedback_schema(tmp_path, tiny_encoder):
+    from steerable.cli import main
+
+    rng = np.random.default_rng(0)
+    template = json.loads(FIXTURE.read_text().splitlines()[0])
+    rows = []
+    for i in range(150):
+        row = json.loads(json.dumps(template))
+        row["instruction"] = f"Question {i}: what about topic {rng.integers(1000)}?"
+        for j, completion in enumerate(row["completions"]):
+            completion["response"] = f"Answer {j} to question {i}: " + " ".join(
+                rng.choice(["yes", "no", "maybe", "so"], 8)
+            )
+            for aspect in completion["annotations"]:
+                completion["annotations"][aspect]["Rating"] = str(int(rng.integers(1, 6)))
+        rows.append(row)
+    data = tmp_path / "uf.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "hh"
+    code = main(
+        [
+            "experiment",
+            "hh",
+            "--out",
+            str(out),
+            "--data",
+            str(data),
+            "--embedder",
+            tiny_encoder,
+            "--max-length",
+            "64",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--train-users",
+            "30",
+            "--val-users",
+            "10",
+            "--test-users",
+            "10",
+            "--pairs-per-user",
+            "12",
+            "--np-steps",
+            "3",
+            "--btl-steps",
+            "2",
+            "--eval-tasks",
+            "20",
+            "--context-sizes",
+            "0,1,3,10",
+        ]
+    )
+    assert code == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["modes"] == ["helpfulness", "honesty"] and result["data"]["kind"] == "ultrafeedback"
+    assert set(result["models"]["btl-oracle"]) == {"helpfulness", "honesty"}

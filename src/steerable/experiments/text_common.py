@@ -153,15 +153,22 @@ def simulate_splits_from_pools(
     sizes = {"train": config.train_users, "val": config.val_users, "test": config.test_users}
     out = {}
     for (split, n), s in zip(sizes.items(), child_seeds(seed, 3), strict=True):
-        out[split] = simulate_pool_users(
-            study.pools[split],
-            study.embeddings,
-            population,
-            n,
-            config.pairs_per_user,
-            conflict_rate,
-            seed=s,
-            user_prefix=f"{tag}{split}-",
-            reference=reference,
-        )
+        try:
+            out[split] = simulate_pool_users(
+                study.pools[split],
+                study.embeddings,
+                population,
+                n,
+                config.pairs_per_user,
+                conflict_rate,
+                seed=s,
+                user_prefix=f"{tag}{split}-",
+                reference=reference,
+            )
+        except DataError as exc:
+            prompts = len(set(study.table.prompt_of[study.pools[split].a].tolist()))
+            raise DataError(
+                f"{split} split ({prompts} prompts): {exc.reason}; lower --pairs-per-user or add prompts",
+                source=study.table.source,
+            ) from None
     return out
