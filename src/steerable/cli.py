@@ -395,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_evaluate(sub)
     _add_experiment(sub)
+    from steerable.cli_policy import add_policy_commands
+
+    add_policy_commands(sub, _add_embedder_arguments)
     return parser
 
 

@@ -63,3 +63,39 @@ def preference_loss(log_prob: Tensor, mask: Tensor, kl: Tensor | None = None) ->
     if kl is not None:
         total = total + kl.sum()
     return total / mask.sum().clamp(min=1.0)
+
+
+def implicit_reward(policy_log_prob: Tensor, reference_log_prob: Tensor, beta: float) -> Tensor:
+    """DPO's implicit reward of a response, r = β·(log π(y | x) − log π_ref(y | x)) (eq. 8).
+
+    For NP-DPO, π is conditioned on the user's context, π(y | x, D^C) (eq. 24); π_ref never is.
+    """
+    return beta * (policy_log_prob - reference_log_prob)
+
+
+def dpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    reference_chosen: Tensor,
+    reference_rejected: Tensor,
+    beta: float,
+    mask: Tensor | None = None,
+    chosen_nll: Tensor | None = None,
+    nll_weight: float = 0.0,
+) -> Tensor:
+    """(Conditional) DPO: the BTL negative log-likelihood of the implicit rewards (eq. 8, 24), per pair.
+
+    Plain DPO and NP-DPO differ only in what the policy log-probabilities were conditioned on. With
+    ``nll_weight`` > 0 the per-token negative log-likelihood of the chosen responses ``chosen_nll`` (one
+    value per pair) is added, as RPO does: it keeps the chosen responses likely so that generation stays
+    fluent while the margin grows.
+    """
+    reward_chosen = implicit_reward(policy_chosen, reference_chosen, beta)
+    reward_rejected = implicit_reward(policy_rejected, reference_rejected, beta)
+    if mask is None:
+        mask = torch.ones_like(reward_chosen, dtype=torch.bool)
+    loss = preference_loss(btl_log_prob(reward_chosen, reward_rejected), mask)
+    if nll_weight and chosen_nll is not None:
+        weights = mask.to(chosen_nll.dtype)
+        loss = loss + nll_weight * (chosen_nll * weights).sum() / weights.sum().clamp(min=1.0)
+    return loss

@@ -154,24 +154,27 @@ def learning_rate_schedule(config: TrainConfig) -> Callable[[int], float]:
     return lr
 
 
-class _MetricsLog:
+class MetricsLog:
     """metrics.csv (+ TensorBoard when installed), truncated to the checkpoint's step on resume."""
 
-    def __init__(self, out_dir: Path | None, resume_step: int) -> None:
+    def __init__(
+        self, out_dir: Path | None, resume_step: int, columns: list[str] | tuple[str, ...] | None = None
+    ) -> None:
+        self.columns = list(columns or METRIC_COLUMNS)
         self.path = None if out_dir is None else out_dir / "metrics.csv"
         self.rows: list[dict[str, float]] = []
         if self.path is not None and self.path.exists() and resume_step > 0:
             with open(self.path, newline="", encoding="utf-8") as handle:
                 for row in csv.DictReader(handle):
                     try:
-                        parsed = {k: float(v) for k, v in row.items() if k in METRIC_COLUMNS}
+                        parsed = {k: float(v) for k, v in row.items() if k in self.columns}
                     except (TypeError, ValueError):
                         continue  # a line cut short by a crash
-                    if len(parsed) == len(METRIC_COLUMNS) and parsed["step"] <= resume_step:
+                    if len(parsed) == len(self.columns) and parsed["step"] <= resume_step:
                         self.rows.append(parsed)
         if self.path is not None:
             with open(self.path, "w", newline="", encoding="utf-8") as handle:
-                writer = csv.DictWriter(handle, METRIC_COLUMNS)
+                writer = csv.DictWriter(handle, self.columns)
                 writer.writeheader()
                 writer.writerows([{k: _fmt(v) for k, v in r.items()} for r in self.rows])
         self.tensorboard = None
@@ -187,7 +190,7 @@ class _MetricsLog:
         self.rows.append(row)
         if self.path is not None:
             with open(self.path, "a", newline="", encoding="utf-8") as handle:
-                csv.DictWriter(handle, METRIC_COLUMNS).writerow({k: _fmt(v) for k, v in row.items()})
+                csv.DictWriter(handle, self.columns).writerow({k: _fmt(v) for k, v in row.items()})
         if self.tensorboard is not None:
             for key, value in row.items():
                 if key not in ("step", "is_best"):
@@ -301,7 +304,7 @@ def train_reward_model(
                 torch.set_rng_state(rng["torch"])
             out.mkdir(parents=True, exist_ok=True)
             write_json_atomic(out / "train_config.json", description)
-        log = _MetricsLog(out, start)
+        log = MetricsLog(out, start)
         finished = start >= config.max_steps or (
             config.patience is not None and best["stale"] >= config.patience
         )

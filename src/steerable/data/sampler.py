@@ -35,6 +35,7 @@ class TaskBatch:
     target_in_context: torch.Tensor  # (B, Nt) bool: the pair is also in D^C
     user_index: torch.Tensor  # (B,) long: position of the task's user in ``data.users``
     hidden_mode: torch.Tensor  # (B,) long: the user's hidden mode, -1 when unknown
+    pair_index: torch.Tensor | None = None  # (B, Nt) long: each target's row in the data, -1 if padded
 
     @property
     def scored_mask(self) -> torch.Tensor:
@@ -55,7 +56,12 @@ class TaskBatch:
 
     def to(self, device: torch.device | str) -> TaskBatch:
         """A copy of the batch on ``device``."""
-        return TaskBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return TaskBatch(
+            **{
+                f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                for f in fields(self)
+            }
+        )
 
 
 def make_task_batch(
@@ -184,6 +190,7 @@ class TaskSampler:
             target_in_context=in_context,
             user_index=users,
             hidden_mode=self.user_modes[users],
+            pair_index=torch.where(mask, index, -1),
         )
 
     def __iter__(self) -> Iterator[TaskBatch]:

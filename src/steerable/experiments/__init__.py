@@ -55,6 +55,12 @@ STUDIES: dict[str, Study] = {
         "run_conflict_rate",
         "Figure 5: training and context conflict rates on real text (~3 min)",
     ),
+    "npdpo-synthetic": Study(
+        "npdpo_synthetic",
+        "NPDPOSyntheticConfig",
+        "run_npdpo_synthetic",
+        "NP-DPO vs BTL-DPO on synthetic text with a known answer, steered generation (~5 min on CPU)",
+    ),
     "continuous": Study(
         "continuous",
         "ContinuousConfig",

@@ -1,0 +1,213 @@
+"""The policy commands of the CLI: ``train-policy``, ``evaluate-policy`` and ``generate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from steerable.errors import ConfigError, DataError
+from steerable.utils.config import add_config_arguments, config_from_args
+
+
+def add_policy_commands(sub: argparse._SubParsersAction, add_embedder_arguments) -> None:
+    """Register the commands on the main parser's subparsers."""
+    from steerable.policy.model import PolicyConfig
+    from steerable.policy.trainer import PolicyTrainConfig
+
+    p = sub.add_parser(
+        "train-policy",
+        help="train an LLM policy steered by context pairs (np-dpo) or the btl-dpo baseline",
+        description="Train NP-DPO (LoRA + FiLM hypernetwork + NP context encoder, conditional DPO) or "
+        "BTL-DPO on text pairs with user ids; rerun the same command to resume.",
+    )
+    p.add_argument(
+        "--data", required=True, help="text preference pairs with user_id (.jsonl/.parquet/datasets)"
+    )
+    p.add_argument("--model", dest="policy_kind", default="np-dpo", choices=["np-dpo", "btl-dpo"])
+    p.add_argument("--out", type=Path, required=True, help="output folder (policy weights, metrics.csv)")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
+    add_config_arguments(p.add_argument_group("policy"), PolicyConfig, skip=("conditional", "input_dim"))
+    add_config_arguments(p.add_argument_group("training"), PolicyTrainConfig)
+    add_embedder_arguments(p)
+    p.set_defaults(run=_run_train_policy)
+
+    p = sub.add_parser(
+        "evaluate-policy",
+        help="implicit-reward accuracy of a policy vs N^C on held-out users, and the label-swap test",
+    )
+    p.add_argument("model_dir", type=Path, help="folder written by train-policy")
+    p.add_argument("--data", required=True, help="held-out users' text pairs")
+    p.add_argument("--context-sizes", default="0,1,2,4,8", help="N^C values (default: 0,1,2,4,8)")
+    p.add_argument("--targets", type=int, default=8, help="scored pairs per task (default: 8)")
+    p.add_argument("--tasks", type=int, default=128, help="tasks per N^C (default: 128)")
+    p.add_argument("--beta", type=float, default=0.05, help="DPO β of the implicit reward (default: 0.05)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per prompt + response (default: 256)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.set_defaults(run=_run_evaluate_policy)
+
+    p = sub.add_parser("generate", help="generate text steered by a user's context pairs")
+    p.add_argument(
+        "--model", dest="model_dir", type=Path, required=True, help="folder written by train-policy"
+    )
+    p.add_argument(
+        "--context", default=None, help="the user's pairs (text preference file); omit: no context"
+    )
+    p.add_argument("--user", default=None, help="which user of --context (default: the file's only user)")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy (default: 0.7)")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default: 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object per sample")
+    p.set_defaults(run=_run_generate)
+
+
+def _text_data(path: str):
+    from steerable.data.readers import load_any
+    from steerable.data.text import TextPreferences
+
+    data = load_any(path)
+    if not isinstance(data, TextPreferences):
+        raise DataError(
+            "policies are trained on text pairs, but the options here are numeric vectors", source=path
+        )
+    return data
+
+
+def _run_train_policy(args: argparse.Namespace) -> int:
+    import shutil
+
+    import numpy as np
+
+    from steerable.data.schema import PreferenceData
+    from steerable.policy.model import ConditionalPolicy, PolicyConfig, load_base_model
+    from steerable.policy.tokens import PolicyTokenizer
+    from steerable.policy.trainer import PolicyTrainConfig, train_policy
+    from steerable.text.embedder import Embedder, EmbedderConfig, embed_preferences, save_embedder_config
+
+    data = _text_data(args.data)
+    conditional = args.policy_kind == "np-dpo"
+    embedder = None
+    if conditional:
+        embedder_config = EmbedderConfig(
+            model=args.embedder,
+            max_length=args.embed_max_length,
+            long_texts=args.long_texts,
+            cache_dir=args.cache_dir,
+        )
+        embedder = Embedder(embedder_config)
+        vectors = embed_preferences(data, embedder)
+        print(f"{args.data}: embedded with {args.embedder}: {embedder.stats.summary()}")
+    else:  # the baseline never reads context: the sampler only needs the users
+        zeros = np.zeros((data.num_pairs, 1), dtype=np.float32)
+        vectors = PreferenceData(
+            user_ids=data.user_ids,
+            chosen=zeros,
+            rejected=zeros,
+            hidden_mode=data.hidden_mode,
+            source=data.source,
+        )
+    if args.overwrite and args.out.exists():
+        for name in ("checkpoint", "policy.safetensors", "policy_config.json", "metrics.csv"):
+            target = args.out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    train_config = config_from_args(PolicyTrainConfig, args)
+    policy_config = config_from_args(
+        PolicyConfig, args, conditional=conditional, input_dim=vectors.dim if conditional else 0
+    )
+    import torch
+
+    torch.manual_seed(train_config.seed)
+    base, tokenizer = load_base_model(policy_config.base_model, policy_config.dtype)
+    policy = ConditionalPolicy(policy_config, base, tokenizer)
+    encoder = PolicyTokenizer(tokenizer, train_config.max_length, train_config.max_prompt_length)
+    tokens = encoder.pairs(data)
+    print(
+        f"train: {data.num_pairs} pairs; {tokens.truncated} sequences cut to fit "
+        f"{train_config.max_length} tokens"
+    )
+    summary = train_policy(policy, tokens, vectors, train_config, args.out)
+    if embedder is not None:
+        save_embedder_config(embedder.config, args.out)
+    final = summary["final"]
+    print(
+        f"{summary['steps']} steps ({summary['seconds']:.0f} s this run); last step: rewards/accuracies "
+        f"{final.get('rewards/accuracies', float('nan')):.2f}, log-ratio chosen "
+        f"{final.get('logratio/chosen', float('nan')):+.2f} nats; policy saved in {args.out}"
+    )
+    return 0
+
+
+def _run_evaluate_policy(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from steerable.data.schema import PreferenceData
+    from steerable.policy.evaluation import PolicyEvaluator
+    from steerable.policy.generation import load_policy
+    from steerable.policy.tokens import PolicyTokenizer
+    from steerable.text.embedder import embed_preferences
+    from steerable.utils.files import write_json_atomic
+
+    sizes = sorted({int(x) for x in args.context_sizes.split(",")})
+    steered = load_policy(args.model_dir)
+    data = _text_data(args.data)
+    if steered.embedder is not None:
+        vectors = embed_preferences(data, steered.embedder)
+    else:
+        zeros = np.zeros((data.num_pairs, 1), dtype=np.float32)
+        vectors = PreferenceData(
+            user_ids=data.user_ids, chosen=zeros, rejected=zeros, hidden_mode=data.hidden_mode
+        )
+        sizes = [0]
+    tok = PolicyTokenizer(steered.policy.tokenizer, args.max_length, max(8, args.max_length // 2))
+    evaluator = PolicyEvaluator(steered.policy, tok.pairs(data), vectors, args.beta)
+    tasks = evaluator.tasks(sizes, args.tasks, args.targets, args.seed)
+    accuracy = evaluator.accuracy_by_mode(tasks)
+    result = {"accuracy": accuracy.pop("all"), "accuracy_by_mode": accuracy}
+    if steered.policy.hooks is not None and max(sizes) > 0:
+        result["label_swap_flip_rate"] = evaluator.label_swap_flip_rate(tasks[max(sizes)])
+    print(json.dumps(result, indent=2))
+    if args.json:
+        write_json_atomic(args.json, result)
+    return 0
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from steerable.policy.generation import load_policy
+
+    context = None
+    if args.context:
+        data = _text_data(args.context)
+        users = sorted(set(data.user_ids.tolist()))
+        user = args.user
+        if user is None:
+            if len(users) != 1:
+                raise ConfigError(f"{args.context} holds {len(users)} users; choose one with --user")
+            user = users[0]
+        if user not in users:
+            raise ConfigError(f"{args.context}: no user {user!r}")
+        rows = [i for i, u in enumerate(data.user_ids) if u == user]
+        context = [
+            {"prompt": data.prompts[i], "chosen": data.chosen[i], "rejected": data.rejected[i]} for i in rows
+        ]
+    steered = load_policy(args.model_dir)
+    z = steered.user_embedding(context or [])
+    prompts = [p for p in args.prompt for _ in range(args.num_samples)]
+    texts = steered.generate_from_embedding(
+        prompts,
+        z,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    for prompt, text in zip(prompts, texts, strict=True):
+        if args.json:
+            print(json.dumps({"prompt": prompt, "response": text}))
+        else:
+            sys.stdout.write(f"### {prompt}\n{text}\n\n")
+    return 0

@@ -1,0 +1,146 @@
+"""Implicit-reward accuracy of a (conditional) policy on held-out users, and the label-swap test.
+
+For a task (one user, N^C context pairs, targets = the user's other pairs), the policy prefers y_c over
+y_r when β·log π(y_c | x, D^C)/π_ref(y_c | x) > β·log π(y_r | x, D^C)/π_ref(y_r | x) (eq. 8). Only
+targets outside the context are scored (and, with ``scored``, only the pairs it marks, e.g. the
+conflicting ones). Reference log-probabilities do not depend on the user and are computed once per pair.
+
+Label swap: the same tasks with every context pair's chosen and rejected exchanged; the flip rate is the
+share of scored targets whose predicted winner changes. A policy that ignores its context flips none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from steerable.data.sampler import TaskBatch, TaskSampler
+from steerable.data.schema import PreferenceData
+from steerable.objectives import implicit_reward
+from steerable.policy.model import ConditionalPolicy
+from steerable.policy.tokens import TokenizedPairs
+from steerable.policy.trainer import pair_batch
+
+
+@dataclass
+class TargetMargins:
+    """Implicit-reward margins r(y_c) − r(y_r) of every scored target of a set of tasks."""
+
+    margin: np.ndarray  # (M,)
+    mode: np.ndarray  # (M,) hidden mode of the task's user, -1 unknown
+    task: np.ndarray  # (M,) task number
+
+    def accuracy(self) -> float:
+        return float(np.mean(self.margin > 0)) if len(self.margin) else float("nan")
+
+
+class PolicyEvaluator:
+    """Scores held-out users' pairs with a policy (see the module docstring)."""
+
+    def __init__(
+        self,
+        policy: ConditionalPolicy,
+        tokens: TokenizedPairs,
+        embedded: PreferenceData,
+        beta: float = 0.05,
+        scored: np.ndarray | None = None,
+        max_pairs_per_forward: int = 32,
+    ) -> None:
+        self.policy, self.tokens, self.embedded, self.beta = policy.eval(), tokens, embedded, beta
+        self.scored = np.ones(embedded.num_pairs, dtype=bool) if scored is None else np.asarray(scored, bool)
+        self.max_pairs = max_pairs_per_forward
+        tok = policy.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self._reference: dict[int, tuple[float, float]] = {}
+
+    def tasks(
+        self, context_sizes: list[int], num_tasks: int, targets: int, seed: int
+    ) -> dict[int, list[TaskBatch]]:
+        """Evaluation tasks with common random numbers across N^C (see ``TaskSampler.fixed_tasks``)."""
+        sampler = TaskSampler(
+            self.embedded, 0, max(context_sizes), num_targets=max(context_sizes) + targets, seed=seed
+        )
+        return sampler.fixed_tasks(context_sizes, num_tasks)
+
+    @torch.no_grad()
+    def _reference_of(self, pairs: list[int]) -> None:
+        todo = [p for p in dict.fromkeys(pairs) if p not in self._reference]
+        device = self.policy.device
+        for start in range(0, len(todo), self.max_pairs):
+            chunk = todo[start : start + self.max_pairs]
+            batch = pair_batch(self.tokens, [chunk], self.pad_id, device)
+            ref = self.policy.reference_log_probs(batch.input_ids, batch.attention_mask, batch.response_mask)
+            for i, p in enumerate(chunk):
+                self._reference[p] = (float(ref[i]), float(ref[len(chunk) + i]))
+
+    @torch.no_grad()
+    def margins(self, batches: list[TaskBatch], swap_context: bool = False) -> TargetMargins:
+        """Margins of the scored targets of every task in ``batches``."""
+        device = self.policy.device
+        out_margin, out_mode, out_task = [], [], []
+        task_offset = 0
+        for batch in batches:
+            nc = batch.num_context
+            targets = batch.pair_index[:, nc:]
+            rows = [[int(p) for p in r if p >= 0 and self.scored[int(p)]] for r in targets]
+            self._reference_of([p for r in rows for p in r])
+            order = [t for t in range(len(rows)) if rows[t]]
+            # group tasks so that one forward holds at most max_pairs pairs
+            groups, current, size = [], [], 0
+            for t in order:
+                if current and size + len(rows[t]) > self.max_pairs:
+                    groups.append(current)
+                    current, size = [], 0
+                current.append(t)
+                size += len(rows[t])
+            if current:
+                groups.append(current)
+            for group in groups:
+                group_rows = [rows[t] for t in group]
+                pb = pair_batch(self.tokens, group_rows, self.pad_id, device)
+                context = None
+                if self.policy.hooks is not None:
+                    idx = torch.tensor(group)
+                    chosen, rejected = batch.context_chosen[idx], batch.context_rejected[idx]
+                    if swap_context:
+                        chosen, rejected = rejected, chosen
+                    context = (chosen.to(device), rejected.to(device), batch.context_mask[idx].to(device))
+                users = torch.arange(len(group), device=device).repeat_interleave(pb.rows_per_user).repeat(2)
+                logps, _ = self.policy(pb.input_ids, pb.attention_mask, pb.response_mask, context, users)
+                self.policy.modulate(None)
+                flat = [p for r in group_rows for p in r]
+                ref = torch.tensor([self._reference[p] for p in flat], device=device)
+                n = len(flat)
+                rc = implicit_reward(logps[:n], ref[:, 0], self.beta)
+                rr = implicit_reward(logps[n:], ref[:, 1], self.beta)
+                out_margin.append((rc - rr).float().cpu().numpy())
+                for t, r in zip(group, group_rows, strict=True):
+                    out_mode.append(np.full(len(r), int(batch.hidden_mode[t])))
+                    out_task.append(np.full(len(r), task_offset + t))
+            task_offset += len(rows)
+        cat = lambda xs, dtype: np.concatenate(xs) if xs else np.zeros(0, dtype)  # noqa: E731
+        return TargetMargins(cat(out_margin, np.float32), cat(out_mode, np.int64), cat(out_task, np.int64))
+
+    def accuracy_by_mode(
+        self, tasks: dict[int, list[TaskBatch]], mode_names: list[str] | None = None
+    ) -> dict[str, dict[str, float]]:
+        """{mode: {N^C: accuracy}} (plus "all")."""
+        result: dict[str, dict[str, float]] = {}
+        for nc, batches in tasks.items():
+            m = self.margins(batches)
+            modes = sorted(set(m.mode.tolist()))
+            for mode in modes:
+                name = mode_names[mode] if mode_names and mode >= 0 else str(mode)
+                sel = m.mode == mode
+                result.setdefault(name, {})[str(nc)] = float(np.mean(m.margin[sel] > 0))
+            result.setdefault("all", {})[str(nc)] = m.accuracy()
+        return result
+
+    def label_swap_flip_rate(self, batches: list[TaskBatch]) -> float:
+        """Share of scored targets whose predicted winner changes when the context's labels are swapped."""
+        plain, swapped = self.margins(batches), self.margins(batches, swap_context=True)
+        return (
+            float(np.mean((plain.margin > 0) != (swapped.margin > 0))) if len(plain.margin) else float("nan")
+        )

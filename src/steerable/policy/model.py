@@ -1,0 +1,313 @@
+"""NP-DPO's conditional policy π(y | x, D^C): a causal LM with LoRA adapters (peft) whose attention outputs
+are FiLM-modulated per user by a hypernetwork of the user's context embedding z (paper section 3.2).
+
+z = NP set encoder over the user's context pairs, each pair given as the frozen embedder's vectors of
+the chosen and rejected options (the same encoder as NP-BTL). γ, β = hypernetwork(z) for every modulated
+block. With ``conditional=False`` there is no encoder and no FiLM: the same class is the BTL-DPO baseline
+(plain LoRA-DPO).
+
+The reference policy π_ref is this very model with the adapters disabled and FiLM off
+(:meth:`ConditionalPolicy.reference_log_probs`): one copy of the base weights in memory.
+
+Saved with :meth:`save_pretrained`: only what training changes (LoRA, encoder, hypernetwork, input
+standardisation) in ``policy.safetensors`` plus ``policy_config.json`` naming the base model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from steerable.errors import ConfigError, SteerableError
+from steerable.models.encoders import SetEncoder
+from steerable.policy.blocks import find_attention, find_decoder_blocks
+from steerable.policy.film import FiLMHooks, FiLMHypernetwork
+from steerable.utils.config import option
+
+CONFIG_NAME = "policy_config.json"
+WEIGHTS_NAME = "policy.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class PolicyConfig:
+    """The conditional policy's architecture (saved as ``policy_config.json``)."""
+
+    base_model: str = option(
+        "SmolLM2-135M-Instruct", "causal LM: folder, hub name or SmolLM2-135M-Instruct (offline)"
+    )
+    conditional: bool = option(True, "NP-DPO (True) or the BTL-DPO baseline without context (False)")
+    lora_r: int = option(16, "LoRA rank (0: no adapters, FiLM only); paper 512, official code 128")
+    lora_alpha: int = option(32, "LoRA alpha (scale alpha/r)")
+    lora_dropout: float = option(0.0, "LoRA dropout")
+    lora_targets: str = option("all-linear", "peft target_modules: all-linear or comma-separated names")
+    film_blocks: str = option("all", "modulated blocks: all, first:K, last:K or indices like 0,2,4")
+    attention_name: str | None = option(None, "attention child of a block (default: found by name)")
+    latent_dim: int = option(128, "user embedding z width")
+    encoder: str = option(
+        "mean", "context encoder: mean (DeepSet) or attention", choices=["mean", "attention"]
+    )
+    encoder_hidden: int = option(256, "context encoder width")
+    hyper_hidden: int = option(256, "FiLM hypernetwork width")
+    input_dim: int = option(0, "width of the context options' embeddings (set from the data)")
+    dtype: str = option("float32", "base model weights: float32 | bfloat16 | float16", choices=list(DTYPES))
+
+    def __post_init__(self) -> None:
+        if self.lora_r < 0 or self.lora_alpha <= 0:
+            raise ConfigError(f"need lora_r >= 0 and lora_alpha > 0, got {self.lora_r}, {self.lora_alpha}")
+        if self.latent_dim < 1 or self.encoder_hidden < 1 or self.hyper_hidden < 1:
+            raise ConfigError("latent_dim, encoder_hidden and hyper_hidden must be >= 1")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> PolicyConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{CONFIG_NAME}: unknown fields {', '.join(unknown)}")
+        return cls(**values)
+
+
+def select_blocks(spec: str, count: int) -> list[int]:
+    """Indices of the modulated blocks from ``all``, ``first:K``, ``last:K`` or ``0,2,4`` (negatives count
+    from the end)."""
+    spec = spec.strip().lower()
+    try:
+        if spec == "all":
+            chosen = list(range(count))
+        elif spec.startswith("first:"):
+            chosen = list(range(min(count, int(spec[6:]))))
+        elif spec.startswith("last:"):
+            chosen = list(range(max(0, count - int(spec[5:])), count))
+        else:
+            chosen = sorted({int(x) % count if -count <= int(x) < count else int(x) for x in spec.split(",")})
+    except ValueError:
+        raise ConfigError(f"film_blocks: cannot read {spec!r} (all, first:K, last:K or 0,2,4)") from None
+    if not chosen or any(not 0 <= i < count for i in chosen):
+        raise ConfigError(f"film_blocks {spec!r}: the model has blocks 0..{count - 1}")
+    return chosen
+
+
+def load_base_model(name: str, dtype: str = "float32", device: str | torch.device = "cpu") -> tuple[Any, Any]:
+    """A causal LM and its tokenizer from a folder, a hub name or an offline alias."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from steerable.text.models import resolve_model
+
+    resolved = resolve_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=DTYPES[dtype])
+    except (OSError, ValueError) as exc:
+        raise SteerableError(f"cannot load the causal LM {name!r}: {str(exc).splitlines()[0]}") from None
+    return model.to(device), tokenizer
+
+
+class ConditionalPolicy(nn.Module):
+    """See the module docstring. ``base`` is a loaded causal LM; it is wrapped in place."""
+
+    def __init__(self, config: PolicyConfig, base: nn.Module, tokenizer: Any = None) -> None:
+        super().__init__()
+        self.config, self.tokenizer = config, tokenizer
+        for p in base.parameters():
+            p.requires_grad_(False)
+        if config.lora_r > 0:
+            from peft import LoraConfig, get_peft_model
+
+            targets: Any = config.lora_targets
+            if targets != "all-linear":
+                targets = [t.strip() for t in targets.split(",") if t.strip()]
+            lora = LoraConfig(
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                lora_dropout=config.lora_dropout,
+                target_modules=targets,
+                task_type="CAUSAL_LM",
+            )
+            base = get_peft_model(base, lora)
+        self.lm = base
+        self.hooks: FiLMHooks | None = None
+        if config.conditional:
+            if config.input_dim < 1:
+                raise ConfigError("a conditional policy needs input_dim (the context embeddings' width)")
+            blocks = find_decoder_blocks(base)
+            self.film_block_index = select_blocks(config.film_blocks, len(blocks))
+            width = _hidden_size(base)
+            self.encoder = SetEncoder(
+                config.input_dim, config.encoder_hidden, config.latent_dim, kind=config.encoder
+            )
+            self.hypernetwork = FiLMHypernetwork(
+                config.latent_dim, len(self.film_block_index), width, config.hyper_hidden
+            )
+            self.register_buffer("input_shift", torch.zeros(config.input_dim))
+            self.register_buffer("input_scale", torch.ones(config.input_dim))
+            attention = [find_attention(blocks[i], config.attention_name) for i in self.film_block_index]
+            self.hooks = FiLMHooks(attention)
+
+    # ---- context -> FiLM ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.lm.parameters()).device
+
+    def fit_standardization(self, options: Tensor) -> None:
+        """Standardise context embeddings with the training options' mean and std (per dimension)."""
+        if self.hooks is None:
+            return
+        options = options.float()
+        self.input_shift.copy_(options.mean(dim=0))
+        self.input_scale.copy_(options.std(dim=0).clamp(min=1e-6))
+
+    def encode(self, chosen: Tensor, rejected: Tensor, mask: Tensor) -> Tensor:
+        """(B, Nc, D) context pairs + (B, Nc) mask -> z (B, L)."""
+        if self.hooks is None:
+            raise ConfigError("an unconditional (BTL-DPO) policy has no context encoder")
+        chosen = (chosen.float() - self.input_shift) / self.input_scale
+        rejected = (rejected.float() - self.input_shift) / self.input_scale
+        return self.encoder(chosen, rejected, mask)
+
+    def modulate(self, z: Tensor | None, row_user: Tensor | None = None) -> None:
+        """Set FiLM for the next forward passes: row r of the batch is modulated by user ``row_user[r]``'s
+        z (default: row r by z[r]). None: no FiLM."""
+        if self.hooks is None:
+            return
+        if z is None:
+            self.hooks.clear()
+            return
+        gamma, beta = self.hypernetwork(z)
+        if row_user is not None:
+            gamma, beta = gamma[row_user], beta[row_user]
+        self.hooks.set(gamma, beta)
+
+    # ---- log-probabilities -------------------------------------------------------------------------
+    def token_log_probs(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(R, T) -> (R, T-1) log π(token_t+1 | tokens ≤ t) under the current modulation."""
+        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+        targets = input_ids[:, 1:]
+        return -F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+        ).view(targets.shape)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        response_mask: Tensor,
+        context: tuple[Tensor, Tensor, Tensor] | None = None,
+        row_user: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Summed response log-probabilities (R,) and response lengths (R,) under π(· | D^C).
+
+        ``context`` = (chosen (B, Nc, D), rejected (B, Nc, D), mask (B, Nc)) of B users; row r of the
+        batch belongs to user ``row_user[r]``. Without context the policy is unmodulated (BTL-DPO).
+        FiLM stays set after the call (activation checkpointing recomputes the forward during backward);
+        call :meth:`modulate` with None when done."""
+        if context is not None and self.hooks is not None:
+            self.modulate(self.encode(*context), row_user)
+        token = self.token_log_probs(input_ids, attention_mask)
+        mask = response_mask[:, 1:].to(token.dtype)
+        return (token * mask).sum(dim=1), mask.sum(dim=1)
+
+    @torch.no_grad()
+    def reference_log_probs(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> Tensor:
+        """Summed response log-probabilities under π_ref: adapters disabled, FiLM off."""
+        with self.reference():
+            token = self.token_log_probs(input_ids, attention_mask)
+        return (token * response_mask[:, 1:].to(token.dtype)).sum(dim=1)
+
+    def reference(self):
+        """Context manager: the unmodulated base model (adapters disabled, FiLM off)."""
+        from contextlib import ExitStack
+
+        stack = ExitStack()
+        if self.config.lora_r > 0:
+            stack.enter_context(self.lm.disable_adapter())
+        if self.hooks is not None:
+            stack.enter_context(self.hooks.disabled())
+        return stack
+
+    # ---- trained state -----------------------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Everything training changes: LoRA weights, encoder, hypernetwork, input standardisation."""
+        state: dict[str, Tensor] = {}
+        if self.config.lora_r > 0:
+            from peft import get_peft_model_state_dict
+
+            state.update({f"lora.{k}": v for k, v in get_peft_model_state_dict(self.lm).items()})
+        if self.hooks is not None:
+            for prefix, module in (("encoder", self.encoder), ("hypernetwork", self.hypernetwork)):
+                state.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
+            state["input_shift"], state["input_scale"] = self.input_shift, self.input_scale
+        return {k: v.detach() for k, v in state.items()}
+
+    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Inverse of :meth:`trainable_state_dict` (every key must match)."""
+        expected = set(self.trainable_state_dict())
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise SteerableError(
+                f"policy weights do not match the configuration "
+                f"(missing {missing[:3]}, unexpected {extra[:3]})"
+            )
+        if self.config.lora_r > 0:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.lm, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
+        if self.hooks is not None:
+            for prefix, module in (("encoder", self.encoder), ("hypernetwork", self.hypernetwork)):
+                n = len(prefix) + 1
+                module.load_state_dict({k[n:]: v for k, v in state.items() if k.startswith(prefix + ".")})
+            self.input_shift.copy_(state["input_shift"])
+            self.input_scale.copy_(state["input_scale"])
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``policy.safetensors`` + ``policy_config.json`` atomically; the base is named only."""
+        from safetensors.torch import save_file
+
+        from steerable.utils.files import atomic_path, write_json_atomic
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.cpu().contiguous() for k, v in self.trainable_state_dict().items()}
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        write_json_atomic(directory / CONFIG_NAME, self.config.to_json())
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> ConditionalPolicy:
+        """Load the base model named in the config, wrap it, and load the trained weights."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        path = directory / CONFIG_NAME
+        if not path.exists():
+            raise SteerableError(f"{directory}: not a policy folder (no {CONFIG_NAME})")
+        try:
+            config = PolicyConfig.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as exc:
+            raise SteerableError(f"{path}: invalid JSON ({exc})") from None
+        base, tokenizer = load_base_model(config.base_model, config.dtype, device)
+        policy = cls(config, base, tokenizer).to(device)
+        policy.load_trainable_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(device)))
+        return policy.eval()
+
+
+def _hidden_size(model: nn.Module) -> int:
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(text, key, None)
+        if isinstance(value, int):
+            return value
+    raise ConfigError(f"{type(model).__name__}: cannot tell the hidden size from its config")

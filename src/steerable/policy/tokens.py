@@ -1,0 +1,108 @@
+"""Prompt + response token ids for policy training, evaluation and generation.
+
+The prompt is rendered with the tokenizer's chat template and the generation prompt (the assistant
+header) when the tokenizer has a template; otherwise its messages' contents are joined by blank lines,
+followed by a blank line, with the tokenizer's own special tokens (e.g. BOS). The response is the
+completion's text followed by the EOS token, tokenized on its own, so the boundary between prompt and
+response is exact. Prompts are cut from the left and responses from the right to fit the limits;
+cuts are counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from steerable.data.text import Message, TextPreferences
+
+
+@dataclass
+class TokenizedPairs:
+    """Token ids of every pair's prompt, chosen and rejected response (lists indexed by pair)."""
+
+    prompt: list[list[int]]
+    chosen: list[list[int]]
+    rejected: list[list[int]]
+    truncated: int = 0  # sequences cut to fit the limits
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class PolicyTokenizer:
+    """Turns prompts and responses into ids (see the module docstring)."""
+
+    def __init__(self, tokenizer: Any, max_length: int = 256, max_prompt_length: int = 128) -> None:
+        if max_prompt_length >= max_length:
+            raise ValueError(
+                f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})"
+            )
+        self.tokenizer = tokenizer
+        self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise ValueError("the tokenizer has no EOS token; responses need an end")
+        pad = tokenizer.pad_token_id
+        self.pad_id = self.eos_id if pad is None else pad
+        self.truncated = 0
+        self._prompts: dict[str, list[int]] = {}
+
+    def prompt_ids(self, messages: list[Message] | str) -> list[int]:
+        """Ids of a prompt (messages or a string), ready for the response to follow."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        key = repr(messages)
+        if key not in self._prompts:
+            tok = self.tokenizer
+            if not messages:
+                start = tok.bos_token_id if tok.bos_token_id is not None else self.eos_id
+                ids = [start]
+            elif getattr(tok, "chat_template", None):
+                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+            else:
+                text = "\n\n".join(m["content"] for m in messages) + "\n\n"
+                ids = tok(text)["input_ids"]
+            if len(ids) > self.max_prompt_length:
+                ids = ids[-self.max_prompt_length :]
+                self.truncated += 1
+            self._prompts[key] = list(ids)
+        return self._prompts[key]
+
+    def response_ids(self, messages: list[Message] | str, room: int) -> list[int]:
+        """Ids of a response followed by EOS, cut to ``room`` tokens."""
+        text = messages if isinstance(messages, str) else "\n\n".join(m["content"] for m in messages)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos_id]
+        if len(ids) > room:
+            ids = ids[:room]
+            self.truncated += 1
+        return ids
+
+    def pairs(self, data: TextPreferences) -> TokenizedPairs:
+        """Tokenize every pair of ``data``."""
+        start = self.truncated
+        prompts, chosen, rejected = [], [], []
+        for p, c, r in zip(data.prompts, data.chosen, data.rejected, strict=True):
+            ids = self.prompt_ids(p)
+            room = self.max_length - len(ids)
+            prompts.append(ids)
+            chosen.append(self.response_ids(c, room))
+            rejected.append(self.response_ids(r, room))
+        return TokenizedPairs(prompts, chosen, rejected, truncated=self.truncated - start)
+
+
+def collate(
+    prompts: list[list[int]], responses: list[list[int]], pad_id: int, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded (R, T) input ids, attention mask and response mask (the response's tokens)."""
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
+    attention = torch.zeros(len(lengths), width, dtype=torch.long)
+    response = torch.zeros(len(lengths), width, dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        attention[i, : len(p) + len(r)] = 1
+        response[i, len(p) : len(p) + len(r)] = True
+    return ids.to(device), attention.to(device), response.to(device)

@@ -1,0 +1,310 @@
+"""NP-DPO policy: block discovery, FiLM identity, reference = base, per-row users, loss, checkpoints,
+resume, evaluation and generation — on tiny models built from configs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from steerable.data.schema import PreferenceData  # noqa: E402
+from steerable.objectives import btl_log_prob, dpo_loss  # noqa: E402
+from steerable.policy.blocks import find_attention, find_decoder_blocks  # noqa: E402
+from steerable.policy.evaluation import PolicyEvaluator  # noqa: E402
+from steerable.policy.generation import generate, interpolate  # noqa: E402
+from steerable.policy.model import ConditionalPolicy, PolicyConfig, select_blocks  # noqa: E402
+from steerable.policy.sft import tiny_llama, word_tokenizer  # noqa: E402
+from steerable.policy.tokens import PolicyTokenizer, collate  # noqa: E402
+from steerable.policy.trainer import PolicyTrainConfig, train_policy  # noqa: E402
+from steerable.text import synthetic_text as world  # noqa: E402
+
+
+def _tiny_models():
+    t = transformers
+    common = dict(vocab_size=64, num_hidden_layers=3)
+    return {
+        "llama": t.LlamaForCausalLM(
+            t.LlamaConfig(
+                hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, **common
+            )
+        ),
+        "qwen2": t.Qwen2ForCausalLM(
+            t.Qwen2Config(
+                hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, **common
+            )
+        ),
+        "gpt2": t.GPT2LMHeadModel(t.GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4)),
+        "gpt_neox": t.GPTNeoXForCausalLM(
+            t.GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, **common)
+        ),
+        "gemma": t.GemmaForCausalLM(
+            t.GemmaConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                head_dim=8,
+                **common,
+            )
+        ),
+    }
+
+
+def _sequence_log_probs(model, ids):
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[:, :-1]
+    return logp.gather(-1, ids[:, 1:, None])[..., 0]
+
+
+def _policy(base, **kw):
+    values = dict(
+        base_model="tiny",
+        input_dim=6,
+        latent_dim=8,
+        encoder_hidden=16,
+        hyper_hidden=16,
+        lora_r=4,
+        lora_alpha=8,
+    )
+    values.update(kw)
+    return ConditionalPolicy(PolicyConfig(**values), base)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gpt_neox", "gemma"])
+def test_fresh_film_is_the_identity_and_reference_is_the_base(family):
+    torch.manual_seed(0)
+    base = _tiny_models()[family].eval()
+    ids = torch.randint(0, 64, (3, 9))
+    expected = _sequence_log_probs(base, ids)
+    assert len(find_decoder_blocks(base)) == 3
+    policy = _policy(base).eval()
+    assert len(policy.hooks.modules) == 3
+    context = (torch.randn(3, 2, 6), torch.randn(3, 2, 6), torch.ones(3, 2, dtype=torch.bool))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        logps, _ = policy(ids, torch.ones_like(ids), mask, context)
+    assert torch.allclose(logps, expected.sum(1), atol=1e-5)
+    # train-like perturbation: modulation now changes the output, the reference does not move
+    torch.nn.init.normal_(policy.hypernetwork.net[-1].weight, std=0.5)
+    for name, p in policy.lm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    with torch.no_grad():
+        moved, _ = policy(ids, torch.ones_like(ids), mask, context)
+    assert (moved - expected.sum(1)).abs().max() > 1e-3
+    reference = policy.reference_log_probs(ids, torch.ones_like(ids), mask)
+    assert torch.allclose(reference, expected.sum(1), atol=1e-5)
+
+
+def test_one_copy_of_the_base_weights():
+    torch.manual_seed(0)
+    base = _tiny_models()["llama"]
+    storages = {p.data_ptr() for p in base.parameters()}
+    policy = _policy(base)
+    base_like = [
+        p for n, p in policy.named_parameters() if "lora_" not in n and not n.startswith(("encoder", "hyper"))
+    ]
+    assert {p.data_ptr() for p in base_like} == storages
+
+
+def test_each_row_is_modulated_by_its_own_user():
+    torch.manual_seed(1)
+    policy = _policy(_tiny_models()["llama"]).eval()
+    torch.nn.init.normal_(policy.hypernetwork.net[-1].weight, std=0.5)
+    ids = torch.randint(0, 64, (4, 7))
+    att, mask = torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool)
+    ctx = (torch.randn(2, 3, 6), torch.randn(2, 3, 6), torch.ones(2, 3, dtype=torch.bool))
+    row_user = torch.tensor([0, 1, 1, 0])
+    with torch.no_grad():
+        together, _ = policy(ids, att, mask, ctx, row_user)
+        for u in (0, 1):
+            rows = (row_user == u).nonzero().flatten()
+            alone, _ = policy(ids[rows], att[rows], mask[rows], tuple(c[u : u + 1] for c in ctx))
+            assert torch.allclose(together[rows], alone, atol=1e-5)
+
+
+def test_block_selection_and_attention_lookup():
+    assert select_blocks("all", 4) == [0, 1, 2, 3]
+    assert select_blocks("first:2", 4) == [0, 1]
+    assert select_blocks("last:1", 4) == [3]
+    assert select_blocks("0,-1", 4) == [0, 3]
+    from steerable.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        select_blocks("7", 4)
+    block = find_decoder_blocks(_tiny_models()["gpt2"])[0]
+    assert find_attention(block) is block.attn
+    with pytest.raises(ConfigError):
+        find_attention(block, "nope")
+
+
+def test_dpo_loss_is_btl_on_implicit_rewards_plus_nll():
+    pc, pr, rc, rr = (torch.randn(5) for _ in range(4))
+    nll = torch.rand(5)
+    beta = 0.1
+    manual = -btl_log_prob(beta * (pc - rc), beta * (pr - rr)).mean()
+    assert torch.allclose(dpo_loss(pc, pr, rc, rr, beta), manual)
+    assert torch.allclose(
+        dpo_loss(pc, pr, rc, rr, beta, chosen_nll=nll, nll_weight=0.5), manual + 0.5 * nll.mean()
+    )
+
+
+def test_tokens_mark_exactly_the_response():
+    tok = word_tokenizer(world.vocabulary())
+    enc = PolicyTokenizer(tok, max_length=32, max_prompt_length=16)
+    prompt = enc.prompt_ids("tell me about the red cat")
+    response = enc.response_ids("the red cat is calm .", 32)
+    assert response[-1] == tok.eos_token_id and tok.decode(response[:-1]) == "the red cat is calm ."
+    ids, _att, resp = collate([prompt], [response], enc.pad_id)
+    assert resp.sum() == len(response) and ids[0, len(prompt)] == response[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    """A tiny base LM folder and a small synthetic population with random 'embeddings' that encode the
+    user's type in their first coordinate (no embedder needed)."""
+    folder = tmp_path_factory.mktemp("base")
+    tok = word_tokenizer(world.vocabulary())
+    lm = tiny_llama(len(tok), hidden=32, layers=2, seed=0)
+    lm.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    train_prompts, _test_prompts = world.split_prompts(0.25, seed=0)
+    data, conflict = world.simulate_users(train_prompts, 12, 8, seed=1)
+    rng = np.random.default_rng(0)
+    chosen = rng.normal(size=(data.num_pairs, 6)).astype(np.float32)
+    rejected = rng.normal(size=(data.num_pairs, 6)).astype(np.float32)
+    vectors = PreferenceData(
+        user_ids=data.user_ids, chosen=chosen, rejected=rejected, hidden_mode=data.hidden_mode
+    )
+    return folder, data, vectors, conflict
+
+
+def _build(folder, **kw):
+    from steerable.policy.model import load_base_model
+
+    base, tok = load_base_model(str(folder))
+    values = dict(
+        base_model=str(folder), input_dim=6, latent_dim=8, encoder_hidden=16, hyper_hidden=16, lora_r=4
+    )
+    values.update(kw)
+    return ConditionalPolicy(PolicyConfig(**values), base, tok)
+
+
+def _train_config(**kw):
+    values = dict(
+        max_steps=6,
+        users_per_batch=2,
+        targets_per_user=2,
+        max_context=3,
+        save_every=2,
+        log_every=1,
+        max_length=48,
+        max_prompt_length=24,
+        learning_rate=1e-2,
+        warmup_steps=1,
+    )
+    values.update(kw)
+    return PolicyTrainConfig(**values)
+
+
+def test_training_logs_trl_metrics_and_saves_only_trained_weights(tiny_world, tmp_path):
+    folder, data, vectors, _ = tiny_world
+    torch.manual_seed(0)
+    policy = _build(folder)
+    tokens = PolicyTokenizer(policy.tokenizer, 48, 24).pairs(data)
+    out = tmp_path / "run"
+    summary = train_policy(policy, tokens, vectors, _train_config(), out, progress=False)
+    assert summary["steps"] == 6
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    for name in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logratio/chosen",
+    ):
+        assert name in header
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out / "policy.safetensors"))
+    assert all(k.startswith(("lora.", "encoder.", "hypernetwork.", "input_")) for k in saved)
+    assert sum(v.numel() for v in saved.values()) < sum(p.numel() for p in policy.parameters())
+    assert json.loads((out / "policy_config.json").read_text())["base_model"] == str(folder)
+    # reload: same log-probabilities under the same context
+    again = ConditionalPolicy.from_pretrained(out)
+    ids = torch.tensor([tokens.prompt[0] + tokens.chosen[0]])
+    ctx = (torch.randn(1, 2, 6), torch.randn(1, 2, 6), torch.ones(1, 2, dtype=torch.bool))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        a, _ = policy.eval()(ids, torch.ones_like(ids), mask, ctx)
+        b, _ = again(ids, torch.ones_like(ids), mask, ctx)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tiny_world, tmp_path, monkeypatch):
+    folder, data, vectors, _ = tiny_world
+    import steerable.policy.trainer as trainer
+
+    def run(out, interrupt_at=None):
+        torch.manual_seed(0)
+        policy = _build(folder)
+        tokens = PolicyTokenizer(policy.tokenizer, 48, 24).pairs(data)
+        original = trainer.save_checkpoint
+
+        def save(directory, model, optimizer, rng, state):
+            original(directory, model, optimizer, rng, state)
+            if interrupt_at is not None and state["step"] == interrupt_at:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(trainer, "save_checkpoint", save)
+        try:
+            return policy, train_policy(policy, tokens, vectors, _train_config(), out, progress=False)
+        finally:
+            monkeypatch.setattr(trainer, "save_checkpoint", original)
+
+    straight, _ = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", interrupt_at=4)
+    torch.manual_seed(123)  # a different global state must not matter: the checkpoint restores it
+    resumed, summary = run(tmp_path / "b")
+    assert summary["resumed_from"] == 4
+    for key, value in straight.trainable_state_dict().items():
+        assert torch.allclose(value, resumed.trainable_state_dict()[key], atol=1e-6), key
+
+
+def test_evaluator_scores_only_targets_and_unconditional_policies_never_flip(tiny_world):
+    folder, data, vectors, conflict = tiny_world
+    policy = _build(folder, conditional=False)
+    tokens = PolicyTokenizer(policy.tokenizer, 48, 24).pairs(data)
+    evaluator = PolicyEvaluator(policy, tokens, vectors, scored=conflict)
+    tasks = evaluator.tasks([0, 2], num_tasks=6, targets=4, seed=0)
+    acc = evaluator.accuracy_by_mode(tasks, list(world.TYPES))
+    assert set(acc) >= {"all"} and set(acc["all"]) == {"0", "2"}
+    assert evaluator.label_swap_flip_rate(tasks[2]) == 0.0
+    margins = evaluator.margins(tasks[2])
+    assert len(margins.margin) <= 6 * 4  # context pairs are never scored
+
+
+def test_generation_is_seeded_and_steered(tiny_world):
+    folder, *_ = tiny_world
+    torch.manual_seed(0)
+    policy = _build(folder).eval()
+    torch.nn.init.normal_(policy.hypernetwork.net[-1].weight, std=2.0)
+    prompts = ["tell me about the red cat", "tell me about the old train"]
+    a = generate(policy, prompts, None, max_new_tokens=6, seed=3)
+    assert a == generate(policy, prompts, None, max_new_tokens=6, seed=3)
+    z_a, z_b = torch.randn(8), torch.randn(8)
+    assert torch.allclose(interpolate(z_a, z_b, 0.0), z_a) and interpolate(
+        z_a, z_b, [0.0, 0.5, 1.0]
+    ).shape == (3, 8)
+    # greedy decoding: an untrained LM's next-token distributions are nearly flat, so sampling with the
+    # same random numbers often picks the same tokens even when the modulation moved the logits
+    plain = generate(policy, prompts, None, max_new_tokens=6, temperature=0.0)
+    steered = [generate(policy, prompts, z * 50, max_new_tokens=6, temperature=0.0) for z in (z_a, z_b)]
+    assert steered[0] != plain or steered[1] != plain
+    assert policy.hooks.gamma is None  # modulation is cleared after generating
