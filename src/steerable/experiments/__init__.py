@@ -61,6 +61,12 @@ STUDIES: dict[str, Study] = {
         "run_npdpo_synthetic",
         "NP-DPO vs BTL-DPO on synthetic text with a known answer, steered generation (~5 min on CPU)",
     ),
+    "npdpo-hh": Study(
+        "npdpo_hh",
+        "NPDPOHHConfig",
+        "run_npdpo_hh",
+        "NP-DPO vs BTL-DPO on real text, two user types (GPU study; --smoke: a CPU run of minutes)",
+    ),
     "continuous": Study(
         "continuous",
         "ContinuousConfig",

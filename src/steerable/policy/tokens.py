@@ -3,9 +3,9 @@
 The prompt is rendered with the tokenizer's chat template and the generation prompt (the assistant
 header) when the tokenizer has a template; otherwise its messages' contents are joined by blank lines,
 followed by a blank line, with the tokenizer's own special tokens (e.g. BOS). The response is the
-completion's text followed by the EOS token, tokenized on its own, so the boundary between prompt and
-response is exact. Prompts are cut from the left and responses from the right to fit the limits;
-cuts are counted.
+completion's text followed by the EOS token (SEP for tokenizers without one), tokenized on its own, so
+the boundary between prompt and response is exact. Prompts are cut from the left and responses from the
+right to fit the limits; cuts are counted.
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ class PolicyTokenizer:
             )
         self.tokenizer = tokenizer
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
-        self.eos_id = tokenizer.eos_token_id
+        # a response ends with EOS; encoder-style tokenizers (e.g. BERT's) have [SEP] instead
+        self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
         if self.eos_id is None:
-            raise ValueError("the tokenizer has no EOS token; responses need an end")
+            raise ValueError("the tokenizer has neither an EOS nor a SEP token; responses need an end")
         pad = tokenizer.pad_token_id
         self.pad_id = self.eos_id if pad is None else pad
         self.truncated = 0

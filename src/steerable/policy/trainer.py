@@ -206,9 +206,11 @@ def train_policy(
         restored = load_checkpoint(out / "checkpoint", _Trainable(policy), optimizer)
         if restored is not None:
             meta, rng = restored
-            if meta["run"]["policy"] != run["policy"] or meta["run"]["train"]["seed"] != config.seed:
+            changed = _changed_settings(meta["run"], run)
+            if changed:
                 raise ConfigError(
-                    f"{out} holds a different policy run; pass --overwrite or choose another --out"
+                    f"{out} holds a run with other settings ({', '.join(changed[:4])}); pass --overwrite "
+                    "or choose another --out"
                 )
             start = meta["step"]
             sampler.generator.set_state(rng["sampler"])
@@ -306,6 +308,20 @@ def train_policy(
         policy.save_pretrained(out)
         write_json_atomic(out / "train_config.json", run)
     return {"steps": step, "resumed_from": start, "seconds": seconds, "final": totals}
+
+
+RESUMABLE_CHANGES = ("max_steps", "save_every", "log_every")  # may differ between a run and its resumption
+
+
+def _changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Settings that differ between a checkpointed run and this one (``policy.*`` and ``train.*``)."""
+    changed = [f"policy.{k}" for k in current["policy"] if saved["policy"].get(k) != current["policy"][k]]
+    changed += [
+        f"train.{k}"
+        for k in current["train"]
+        if k not in RESUMABLE_CHANGES and saved["train"].get(k) != current["train"][k]
+    ]
+    return changed
 
 
 def out_has_checkpoint(out: Path | None) -> bool:
