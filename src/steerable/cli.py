@@ -398,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     from steerable.cli_policy import add_policy_commands
 
     add_policy_commands(sub, _add_embedder_arguments)
+    from steerable.cli_active import add_elicit_command
+
+    add_elicit_command(sub)
     from steerable.cli_service import add_service_commands
 
     add_service_commands(sub)

@@ -67,6 +67,12 @@ STUDIES: dict[str, Study] = {
         "run_npdpo_hh",
         "NP-DPO vs BTL-DPO on real text, two user types (GPU study; --smoke: a CPU run of minutes)",
     ),
+    "active": Study(
+        "active",
+        "ActiveConfig",
+        "run_active",
+        "Active elicitation: accuracy vs pairs asked per strategy, Gaussian rho=0.5 and real text (~5 min)",
+    ),
     "continuous": Study(
         "continuous",
         "ContinuousConfig",
