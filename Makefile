@@ -40,6 +40,7 @@ format: install
 bench: install
 	$(BIN)/python benchmarks/bench_core.py --out $(OUT)/bench --seed $(SEED)
 	$(BIN)/python benchmarks/bench_embed.py --out $(OUT)/bench
+	$(BIN)/python benchmarks/bench_service.py --out $(OUT)/bench
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache

@@ -33,8 +33,8 @@ import torch
 
 from steerable.objectives import dpo_loss
 from steerable.policy.model import ConditionalPolicy, PolicyConfig, load_base_model
-from steerable.policy.tokens import TokenizedPairs
-from steerable.policy.trainer import pair_batch, step_terms
+from steerable.policy.tokens import TokenizedPairs, pair_batch
+from steerable.policy.trainer import step_terms
 
 MODEL = "SmolLM2-135M-Instruct"
 PAIRS, PROMPT_TOKENS, RESPONSE_TOKENS, CONTEXT_PAIRS, EMBED_DIM = 2, 64, 64, 4, 384

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from pathlib import Path
 
 
@@ -56,9 +57,31 @@ def add_service_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_serve)
 
 
-def _run_serve(args: argparse.Namespace) -> int:
-    import torch
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (one clear error line if the address is taken or unknown)."""
+    from steerable.errors import ConfigError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _serve(app, sock: socket.socket, log_level: str) -> None:
+    """Run uvicorn on the bound socket until interrupted."""
     import uvicorn
+
+    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import gc
+
+    import torch
 
     from steerable.errors import ConfigError
     from steerable.service.app import Limits, build_engine, create_app
@@ -72,14 +95,19 @@ def _run_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_context=args.max_context)
     engine = build_engine(args.model_dirs, args.db, policy_dir=args.policy, seed=args.seed, limits=limits)
     try:
+        sock = _listen(args.host, args.port)
         app = create_app(engine=engine, token=token)
         health = engine.health()
         print(
             f"serving {health['model_type']} ({health['options']} options, input_dim {health['input_dim']}, "
             f"ensemble of {health['ensemble_size']}) on http://{args.host}:{args.port}; pairs in {args.db}"
-            + ("; bearer token required" if token else "")
+            + ("; bearer token required" if token else ""),
+            flush=True,
         )
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        gc.collect()
+        gc.freeze()  # the loaded libraries' objects: out of every later collection (shorter GC pauses)
+        with sock:
+            _serve(app, sock, args.log_level)
     finally:
         engine.close()
     return 0

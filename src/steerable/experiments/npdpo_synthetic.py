@@ -48,8 +48,9 @@ class NPDPOSyntheticConfig:
     cache_dir: str | None = option(None, "embedding cache root")
     lm_hidden: int = option(64, "tiny base LM width")
     lm_layers: int = option(2, "tiny base LM blocks")
-    sft_steps: int = option(400, "steps fitting the base LM to the responses")
-    steps: int = option(400, "NP-DPO and BTL-DPO training steps")
+    sft_steps: int = option(800, "steps fitting the base LM to the responses")
+    sft_batch_size: int = option(64, "responses per base-LM fitting step")
+    steps: int = option(1200, "NP-DPO and BTL-DPO training steps")
     users_per_batch: int = option(8, "users per step")
     targets_per_user: int = option(2, "target pairs per user per step")
     max_context: int = option(8, "largest N^C while training")
@@ -61,8 +62,8 @@ class NPDPOSyntheticConfig:
     context_sizes: str = option("0,1,2,4,8", "N^C values evaluated")
     eval_tasks: int = option(128, "evaluation tasks per N^C")
     generation_context: int = option(4, "context pairs given when generating")
-    generation_prompts: int = option(2, "held-out prompts per held-out user when generating")
-    temperature: float = option(1.0, "sampling temperature")
+    generation_prompts: int = option(4, "held-out prompts per held-out user when generating")
+    temperature: float = option(0.7, "sampling temperature (the generate command's default)")
 
 
 def run_npdpo_synthetic(
@@ -113,7 +114,14 @@ def run_npdpo_synthetic(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s_lm)
             losses = fit_language_model(
-                lm, tokenizer, xs, ys, steps=config.sft_steps, seed=s_sft, progress=progress
+                lm,
+                tokenizer,
+                xs,
+                ys,
+                steps=config.sft_steps,
+                batch_size=config.sft_batch_size,
+                seed=s_sft,
+                progress=progress,
             )
         lm.save_pretrained(base_dir)
         tokenizer.save_pretrained(base_dir)

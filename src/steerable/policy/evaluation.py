@@ -20,8 +20,7 @@ from steerable.data.sampler import TaskBatch, TaskSampler
 from steerable.data.schema import PreferenceData
 from steerable.objectives import implicit_reward
 from steerable.policy.model import ConditionalPolicy
-from steerable.policy.tokens import TokenizedPairs
-from steerable.policy.trainer import pair_batch
+from steerable.policy.tokens import ReferenceLogProbs, TokenizedPairs, pair_batch
 
 
 @dataclass
@@ -53,7 +52,7 @@ class PolicyEvaluator:
         self.max_pairs = max_pairs_per_forward
         tok = policy.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self._reference: dict[int, tuple[float, float]] = {}
+        self.reference = ReferenceLogProbs(policy, tokens, self.pad_id, max_pairs_per_forward)
 
     def tasks(
         self, context_sizes: list[int], num_tasks: int, targets: int, seed: int
@@ -65,17 +64,6 @@ class PolicyEvaluator:
         return sampler.fixed_tasks(context_sizes, num_tasks)
 
     @torch.no_grad()
-    def _reference_of(self, pairs: list[int]) -> None:
-        todo = [p for p in dict.fromkeys(pairs) if p not in self._reference]
-        device = self.policy.device
-        for start in range(0, len(todo), self.max_pairs):
-            chunk = todo[start : start + self.max_pairs]
-            batch = pair_batch(self.tokens, [chunk], self.pad_id, device)
-            ref = self.policy.reference_log_probs(batch.input_ids, batch.attention_mask, batch.response_mask)
-            for i, p in enumerate(chunk):
-                self._reference[p] = (float(ref[i]), float(ref[len(chunk) + i]))
-
-    @torch.no_grad()
     def margins(self, batches: list[TaskBatch], swap_context: bool = False) -> TargetMargins:
         """Margins of the scored targets of every task in ``batches``."""
         device = self.policy.device
@@ -85,7 +73,6 @@ class PolicyEvaluator:
             nc = batch.num_context
             targets = batch.pair_index[:, nc:]
             rows = [[int(p) for p in r if p >= 0 and self.scored[int(p)]] for r in targets]
-            self._reference_of([p for r in rows for p in r])
             order = [t for t in range(len(rows)) if rows[t]]
             # group tasks so that one forward holds at most max_pairs pairs
             groups, current, size = [], [], 0
@@ -111,10 +98,10 @@ class PolicyEvaluator:
                 logps, _ = self.policy(pb.input_ids, pb.attention_mask, pb.response_mask, context, users)
                 self.policy.modulate(None)
                 flat = [p for r in group_rows for p in r]
-                ref = torch.tensor([self._reference[p] for p in flat], device=device)
+                ref = self.reference(flat)  # (2n,) chosen then rejected
                 n = len(flat)
-                rc = implicit_reward(logps[:n], ref[:, 0], self.beta)
-                rr = implicit_reward(logps[n:], ref[:, 1], self.beta)
+                rc = implicit_reward(logps[:n], ref[:n], self.beta)
+                rr = implicit_reward(logps[n:], ref[n:], self.beta)
                 out_margin.append((rc - rr).float().cpu().numpy())
                 for t, r in zip(group, group_rows, strict=True):
                     out_mode.append(np.full(len(r), int(batch.hidden_mode[t])))

@@ -32,7 +32,7 @@ from steerable.data.schema import PreferenceData
 from steerable.errors import ConfigError
 from steerable.objectives import dpo_loss, implicit_reward
 from steerable.policy.model import ConditionalPolicy
-from steerable.policy.tokens import TokenizedPairs, collate
+from steerable.policy.tokens import PairBatch, ReferenceLogProbs, TokenizedPairs, pair_batch
 from steerable.training import MetricsLog
 from steerable.utils.config import config_to_dict, option
 
@@ -76,6 +76,9 @@ class PolicyTrainConfig:
         choices=["auto", "no", "bf16", "fp16"],
     )
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+    cache_reference: bool = option(
+        True, "compute each pair's reference log-probabilities once and keep them (π_ref never changes)"
+    )
     save_every: int = option(50, "steps between resumable checkpoints")
     log_every: int = option(10, "steps between metrics.csv rows")
     seed: int = option(0, "seed of the task sampler, LoRA init and dropout")
@@ -118,33 +121,18 @@ class _Trainable:
         self.policy.load_trainable_state_dict(state)
 
 
-@dataclass
-class PairBatch:
-    """The sequences of one step: chosen rows then rejected rows, and the users they belong to."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    response_mask: torch.Tensor
-    rows_per_user: torch.Tensor  # (B,) pairs per user (rows of each half)
-    num_pairs: int
-
-
-def pair_batch(tokens: TokenizedPairs, pair_rows: list[list[int]], pad_id: int, device) -> PairBatch:
-    """Sequences for the given pairs of each user: [chosen of all pairs] + [rejected of all pairs]."""
-    flat = [i for rows in pair_rows for i in rows]
-    prompts = [tokens.prompt[i] for i in flat] * 2
-    responses = [tokens.chosen[i] for i in flat] + [tokens.rejected[i] for i in flat]
-    ids, attention, response = collate(prompts, responses, pad_id, device)
-    counts = torch.tensor([len(r) for r in pair_rows], device=device)
-    return PairBatch(ids, attention, response, counts, len(flat))
-
-
 def step_terms(
-    policy: Any, unwrapped: ConditionalPolicy, batch: PairBatch, context: tuple | None
+    policy: Any,
+    unwrapped: ConditionalPolicy,
+    batch: PairBatch,
+    context: tuple | None,
+    reference: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Policy and reference log-probabilities of one :class:`PairBatch` (``policy`` may be wrapped by
-    accelerate; ``unwrapped`` is the module itself)."""
-    reference = unwrapped.reference_log_probs(batch.input_ids, batch.attention_mask, batch.response_mask)
+    accelerate; ``unwrapped`` is the module itself). ``reference`` (2·pairs,) = log π_ref of the batch's
+    rows when already known (:class:`ReferenceLogProbs`); computed here otherwise."""
+    if reference is None:
+        reference = unwrapped.reference_log_probs(batch.input_ids, batch.attention_mask, batch.response_mask)
     users = torch.arange(len(batch.rows_per_user), device=batch.input_ids.device)
     row_user = users.repeat_interleave(batch.rows_per_user).repeat(2)  # chosen half, rejected half
     logps, lengths = policy(batch.input_ids, batch.attention_mask, batch.response_mask, context, row_user)
@@ -221,6 +209,7 @@ def train_policy(
     pad_id = (
         pad if pad is not None else (policy.tokenizer.eos_token_id if policy.tokenizer is not None else 0)
     )
+    reference_cache = ReferenceLogProbs(policy, tokens, pad_id) if config.cache_reference else None
     warned = False
     totals: dict[str, float] = {}
     started = time.perf_counter()
@@ -252,7 +241,8 @@ def train_policy(
                         task.context_rejected[keep_t].to(device),
                         task.context_mask[keep_t].to(device),
                     )
-                terms = step_terms(wrapped, policy, batch, context)
+                reference = reference_cache([i for r in rows for i in r]) if reference_cache else None
+                terms = step_terms(wrapped, policy, batch, context, reference)
                 loss = dpo_loss(
                     terms["policy_chosen"],
                     terms["policy_rejected"],

@@ -10,6 +10,7 @@ personalised models), the routes, and :class:`ServerThread`. Inference runs in F
 endpoints); the reward models are only read, the embedder and the policy are used under locks.
 """
 
+import hashlib
 import hmac
 import json
 import math
@@ -25,10 +26,10 @@ from types import SimpleNamespace
 from typing import Annotated, Any, Literal, Union
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
 from pydantic_core import PydanticCustomError
@@ -40,6 +41,7 @@ from steerable.service.store import PreferenceStore, TooManyPairs
 F32_MAX = float(np.finfo(np.float32).max)
 USER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$"
 STRATEGIES = ("info-gain", "uncertainty", "random")
+MIN_TEMPERATURE = 1e-3  # sampling temperatures below this decode greedily
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,9 @@ class Limits:
     max_prompts: int = 16
     max_new_tokens: int = 1024
     max_body_bytes: int = 32 * 2**20
-    cached_users: int = 4096  # personalised models kept in memory (least recently used evicted)
+    max_page: int = 1000  # pairs per GET /v1/users/{user_id} answer
+    cached_users: int = 4096  # users' personalised models kept in memory (least recently used evicted)
+    cached_contexts: int = 4096  # personalised models of inline contexts kept in memory
     cached_texts: int = 50_000  # text embeddings kept in memory
 
 
@@ -87,9 +91,36 @@ def _message(error: dict[str, Any]) -> str:
     return str(error["msg"])
 
 
-def _validation_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
-    """The 422 answer: FastAPI's ``detail`` list (without echoing the input) plus a one-line ``message``."""
-    detail = [{"loc": list(e["loc"]), "msg": _message(e), "type": str(e["type"])} for e in errors]
+OPTION_FIELDS = ("chosen", "rejected", "a", "b")
+
+
+def _is_option(loc: Sequence[Any]) -> bool:
+    return bool(loc) and (
+        loc[-1] in OPTION_FIELDS or (len(loc) > 1 and loc[-2] == "options" and isinstance(loc[-1], int))
+    )
+
+
+def _numeric_message(error: dict[str, Any], dim: int) -> str | None:
+    """Clearer words for a numeric option of the wrong size or kind (checked by the schema, not per option
+    in Python: that would cost as much as the rest of the validation)."""
+    loc, kind, given = error["loc"], error["type"], error.get("input")
+    if _is_option(loc) and kind in ("too_short", "too_long"):
+        got = (error.get("ctx") or {}).get("actual_length")
+        return f"expected {dim} numbers (the model's input_dim), got {got}"
+    if _is_option(loc) and kind == "list_type" and isinstance(given, str):
+        return f"this model takes vectors of {dim} numbers, not text"
+    if _is_option(loc[:-1]) and kind == "float_type" and isinstance(given, dict):
+        return f"this model takes vectors of {dim} numbers, not messages"
+    return None
+
+
+def _validation_body(errors: list[dict[str, Any]], dim: int | None = None) -> dict[str, Any]:
+    """The 422 answer: FastAPI's ``detail`` list (without echoing the input) plus a one-line ``message``;
+    ``dim``: options are vectors of this size (their errors are reworded)."""
+    detail = []
+    for e in errors:
+        msg = (_numeric_message(e, dim) if dim is not None else None) or _message(e)
+        detail.append({"loc": list(e["loc"]), "msg": msg, "type": str(e["type"])})
     message = "; ".join(f"{_where(e['loc'])}: {e['msg']}" for e in detail[:5])
     if len(detail) > 5:
         message += f"; and {len(detail) - 5} more errors"
@@ -97,8 +128,13 @@ def _validation_body(errors: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ---- schemas --------------------------------------------------------------------------------------------
+def _integral(value: Any) -> Any:
+    """JSON Schema integers include 5.0: accept integral floats, but (strictly) no booleans or strings."""
+    return int(value) if isinstance(value, float) and value.is_integer() and abs(value) < 2**63 else value
+
+
 Number = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-F32_MAX, le=F32_MAX)]
-Seed = Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]
+Seed = Annotated[int, BeforeValidator(_integral), Field(strict=True, ge=0, le=2**63 - 1)]
 
 
 class ErrorOut(BaseModel):
@@ -170,7 +206,11 @@ def _nonblank(text: str) -> str:
 
 def build_schemas(text: bool, dim: int, limits: Limits) -> SimpleNamespace:
     """Request/response models for one server: options are text (str or messages) or ``dim`` numbers."""
-    Text = Annotated[str, Field(min_length=1, max_length=limits.max_text_chars), AfterValidator(_nonblank)]
+    Text = Annotated[
+        str,
+        Field(min_length=1, max_length=limits.max_text_chars, json_schema_extra={"pattern": r"\S"}),
+        AfterValidator(_nonblank),
+    ]
 
     class Message(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -183,19 +223,6 @@ def build_schemas(text: bool, dim: int, limits: Limits) -> SimpleNamespace:
         Discriminator(lambda v: "messages" if isinstance(v, list) else "text"),
     ]
 
-    def numeric_only(value: Any) -> Any:
-        if isinstance(value, str) or _is_messages(value):
-            raise PydanticCustomError(
-                "numeric_option", "this model takes vectors of {dim} numbers, not text", {"dim": dim}
-            )
-        if isinstance(value, list) and len(value) != dim:
-            raise PydanticCustomError(
-                "option_length",
-                "expected {dim} numbers (the model's input_dim), got {got}",
-                {"dim": dim, "got": len(value)},
-            )
-        return value
-
     def text_only(value: Any) -> Any:
         if isinstance(value, list) and value and not _is_messages(value):
             raise PydanticCustomError(
@@ -207,7 +234,7 @@ def build_schemas(text: bool, dim: int, limits: Limits) -> SimpleNamespace:
         Option = Annotated[Prompt, BeforeValidator(text_only)]
         option_help = "a completion: text, or a list of messages (the pair's prompt is prepended)"
     else:
-        Option = Annotated[list[Number], BeforeValidator(numeric_only), Field(min_length=dim, max_length=dim)]
+        Option = Annotated[list[Number], Field(min_length=dim, max_length=dim)]  # see _numeric_message
         option_help = f"a vector of {dim} finite numbers"
 
     class Strict(BaseModel):
@@ -244,8 +271,17 @@ def build_schemas(text: bool, dim: int, limits: Limits) -> SimpleNamespace:
 
     class GenerateIn(Strict):
         prompts: list[Prompt] = Field(min_length=1, max_length=limits.max_prompts)
-        max_new_tokens: int = Field(64, strict=True, ge=1, le=limits.max_new_tokens)
-        temperature: float = Field(1.0, strict=True, ge=0.0, le=10.0, allow_inf_nan=False)
+        max_new_tokens: Annotated[int, BeforeValidator(_integral)] = Field(
+            64, strict=True, ge=1, le=limits.max_new_tokens
+        )
+        temperature: float = Field(
+            1.0,
+            strict=True,
+            ge=0.0,
+            le=10.0,
+            allow_inf_nan=False,
+            description=f"0 (or below {MIN_TEMPERATURE}): greedy decoding",
+        )
         top_p: float = Field(1.0, strict=True, gt=0.0, le=1.0, allow_inf_nan=False)
         seed: Seed | None = None
 
@@ -255,17 +291,18 @@ def build_schemas(text: bool, dim: int, limits: Limits) -> SimpleNamespace:
 
     class UserOut(BaseModel):
         user_id: str
-        num_pairs: int
-        pairs: list[StoredPair]
+        num_pairs: int = Field(description="the user's pairs in total")
+        pairs: list[StoredPair] = Field(description="this page: pairs with id > after, oldest first")
+        next_after: int | None = Field(description="'after' for the next page (None: this was the last)")
 
     return SimpleNamespace(**{k: v for k, v in locals().items() if isinstance(v, type)})
 
 
 # ---- the engine ------------------------------------------------------------------------------------------
-Message = dict[str, str]
+ChatMessage = dict[str, str]
 
 
-def _messages(value: Any, role: str) -> list[Message]:
+def _messages(value: Any, role: str) -> list[ChatMessage]:
     if value is None:
         return []
     if isinstance(value, str):
@@ -274,12 +311,39 @@ def _messages(value: Any, role: str) -> list[Message]:
 
 
 def _dump(value: Any) -> Any:
-    """Plain JSON values from pydantic models (nested in lists)."""
+    """Plain JSON values from pydantic models (nested in lists); lists of numbers are returned as they are."""
     if isinstance(value, BaseModel):
         return value.model_dump(exclude_none=True)
-    if isinstance(value, list):
+    if isinstance(value, list) and value and not isinstance(value[0], (int, float)):
         return [_dump(v) for v in value]
     return value
+
+
+class LRU:
+    """A small thread-safe map that forgets its least recently used entries beyond ``capacity``."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def pop(self, key: Any) -> None:
+        with self._lock:
+            self._items.pop(key, None)
 
 
 @dataclass
@@ -300,7 +364,7 @@ class TextEncoder:
         self.lock = threading.Lock()
         self.memory: OrderedDict[str, np.ndarray] = OrderedDict()
 
-    def __call__(self, conversations: list[list[Message]]) -> np.ndarray:
+    def __call__(self, conversations: list[list[ChatMessage]]) -> np.ndarray:
         with self.lock:
             texts = [self.embedder.render(c) for c in conversations]
             missing = [t for t in dict.fromkeys(texts) if t not in self.memory]
@@ -339,9 +403,10 @@ class Engine:
         self.seed = seed
         self.spread = has_latent_spread(models if len(models) > 1 else models[0])
         self._rng = np.random.default_rng(seed)
-        self._lock = threading.Lock()
+        self._rng_lock = threading.Lock()
         self._policy_lock = threading.Lock()
-        self._users: OrderedDict[str, UserContext] = OrderedDict()
+        self._users = LRU(self.limits.cached_users)  # user id -> UserContext (checked against the store)
+        self._contexts = LRU(self.limits.cached_contexts)  # digest of a context's vectors -> personalised
         empty = np.zeros((0, self.dim), dtype=np.float32)
         self._prior = UserContext(0, empty, empty, [m.personalize() for m in models])
 
@@ -376,6 +441,10 @@ class Engine:
             return json.dumps(option)
         return json.dumps(_messages(prompt, "user") + _messages(option, "assistant"))
 
+    def pair_key(self, a: Any, b: Any, prompt: Any) -> frozenset[str]:
+        """Identity of an unordered pair (a user who answered (a, b) has answered (b, a))."""
+        return frozenset((self.option_key(a, prompt), self.option_key(b, prompt)))
+
     # ---- personalisation -----------------------------------------------------------------------------
     def _personalize(self, chosen: np.ndarray, rejected: np.ndarray, loc: Sequence[str | int]) -> list[Any]:
         personalized = [m.personalize(chosen, rejected) for m in self.models]
@@ -396,11 +465,9 @@ class Engine:
         version = self.store.version(user_id)
         if version == 0:
             return self._prior
-        with self._lock:
-            hit = self._users.get(user_id)
-            if hit is not None and hit.version == version:
-                self._users.move_to_end(user_id)
-                return hit
+        hit = self._users.get(user_id)
+        if hit is not None and hit.version == version:
+            return hit
         stored = self.store.pairs(user_id, last=self.limits.max_context)
         if not stored:
             return self._prior
@@ -408,11 +475,7 @@ class Engine:
         entry = UserContext(
             stored[-1].id, chosen, rejected, self._personalize(chosen, rejected, ("path", "user_id"))
         )
-        with self._lock:
-            self._users[user_id] = entry
-            self._users.move_to_end(user_id)
-            while len(self._users) > self.limits.cached_users:
-                self._users.popitem(last=False)
+        self._users.put(user_id, entry)
         return entry
 
     def context(self, user_id: str | None, inline: list[dict[str, Any]] | None) -> tuple[list[Any], int]:
@@ -422,13 +485,17 @@ class Engine:
             return ctx.personalized, len(ctx.chosen)
         chosen, rejected = self.pair_vectors(inline)
         keep = self.limits.max_context
-        chosen = np.concatenate([ctx.chosen, chosen])[-keep:]
-        rejected = np.concatenate([ctx.rejected, rejected])[-keep:]
-        return self._personalize(chosen, rejected, ("body", "context")), len(chosen)
+        chosen = np.ascontiguousarray(np.concatenate([ctx.chosen, chosen])[-keep:])
+        rejected = np.ascontiguousarray(np.concatenate([ctx.rejected, rejected])[-keep:])
+        key = hashlib.blake2b(chosen.tobytes() + rejected.tobytes(), digest_size=16).digest()
+        personalized = self._contexts.get(key)  # clients that send the same context again
+        if personalized is None:
+            personalized = self._personalize(chosen, rejected, ("body", "context"))
+            self._contexts.put(key, personalized)
+        return personalized, len(chosen)
 
     def forget(self, user_id: str) -> int:
-        with self._lock:
-            self._users.pop(user_id, None)
+        self._users.pop(user_id)
         return self.store.delete_user(user_id)
 
     # ---- predictions -----------------------------------------------------------------------------------
@@ -470,21 +537,10 @@ class Engine:
                 f"'uncertainty' or 'random'.",
                 ("body", "strategy"),
             )
-        answered = {
-            frozenset(
-                (
-                    self.option_key(p["chosen"], p.get("prompt")),
-                    self.option_key(p["rejected"], p.get("prompt")),
-                )
-            )
-            for p in (s.pair for s in self.store.pairs(user_id))
-        }
-        excluded = [
-            i
-            for i, c in enumerate(candidates)
-            if frozenset((self.option_key(c["a"], c.get("prompt")), self.option_key(c["b"], c.get("prompt"))))
-            in answered
-        ]
+        stored = (s.pair for s in self.store.pairs(user_id))
+        answered = {self.pair_key(p["chosen"], p["rejected"], p.get("prompt")) for p in stored}
+        keys = [self.pair_key(c["a"], c["b"], c.get("prompt")) for c in candidates]
+        excluded = [i for i, key in enumerate(keys) if key in answered]
         if len(excluded) == len(candidates):
             raise APIError(422, "the user has already answered every candidate pair", ("body", "candidates"))
         ctx = self.user_context(user_id)
@@ -492,7 +548,7 @@ class Engine:
         a = self.vectors([c["a"] for c in candidates], prompts)
         b = self.vectors([c["b"] for c in candidates], prompts)
         if seed is None:
-            with self._lock:
+            with self._rng_lock:
                 seed = int(self._rng.integers(2**63 - 1))
         has_context = len(ctx.chosen) > 0
         try:
@@ -530,6 +586,8 @@ class Engine:
         context = [{k: p[k] for k in ("prompt", "chosen", "rejected") if k in p} for p in stored]
         if sampling.get("seed") is None:
             sampling["seed"] = self.seed
+        if sampling.get("temperature", 1.0) < MIN_TEMPERATURE:  # logits / 1e-300 overflow: decode greedily
+            sampling["temperature"] = 0.0
         with self._policy_lock:
             try:
                 responses = self.policy.generate(prompts, context=context, **sampling)
@@ -628,7 +686,7 @@ def build_engine(
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise ConfigError(f"{policy_dir}: cannot load the policy ({exc})") from None
     store = PreferenceStore(db, max_pairs_per_user=limits.max_pairs_per_user)
-    kind = f"text:{embedder_config.model}" if embedder_config is not None else f"numeric:{dim}"
+    kind = "text" if embedder_config is not None else f"numeric:{dim}"  # text pairs suit any text model
     try:
         store.ensure_meta("options", kind, " (start the server with another --db)")
     except SteerableError:
@@ -668,13 +726,18 @@ class _BodyLimit:
         await self.app(scope, limited, send)
 
 
+def _json(model: BaseModel) -> Response:
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
 def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {
+        400: "the body is not UTF-8 JSON",
         401: "missing or wrong bearer token",
         404: "unknown user",
         409: "conflict (no policy loaded, or too many pairs for one user)",
         413: "request body too large",
-        503: "the embedder failed",
+        503: "the database is busy or the embedder failed; retry later",
     }
     return {c: {"model": ErrorOut, "description": text[c]} for c in codes}
 
@@ -710,7 +773,9 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(_validation_body(list(exc.errors())), status_code=422)
+        return JSONResponse(
+            _validation_body(list(exc.errors()), None if eng.text else eng.dim), status_code=422
+        )
 
     @app.exception_handler(APIError)
     async def _service_error(request: Request, exc: APIError) -> JSONResponse:
@@ -734,7 +799,7 @@ def create_app(
 
     auth = [Depends(check_token)] if token else []
     errors = (401,) if token else ()
-    v1 = APIRouter(prefix="/v1", dependencies=auth, responses=_responses(*errors, 413))
+    v1 = APIRouter(prefix="/v1", dependencies=auth, responses=_responses(*errors, 400, 413, 503))
     UserId = Annotated[str, PathParam(pattern=USER_ID_PATTERN, max_length=128, description="the user")]
 
     @app.get("/v1/health", response_model=HealthOut, tags=["service"])
@@ -757,13 +822,20 @@ def create_app(
         return AddedOut(user_id=user_id, added=len(pairs), num_pairs=total)
 
     @v1.get("/users/{user_id}", response_model=s.UserOut, responses=_responses(404))
-    def get_user(user_id: UserId) -> Any:
-        """The user's stored pairs, oldest first."""
-        stored = eng.store.pairs(user_id)
-        if not stored:
+    def get_user(
+        user_id: UserId,
+        after: Annotated[int, Query(ge=0, le=2**63 - 1, description="only pairs with a larger id")] = 0,
+        limit: Annotated[int, Query(ge=1, le=lim.max_page, description="pairs per page")] = lim.max_page,
+    ) -> Any:
+        """The user's stored pairs, oldest first, a page at a time."""
+        total = eng.store.count(user_id)
+        if not total:
             raise APIError(404, f"unknown user '{user_id}'")
-        pairs = [{"id": p.id, "created": p.created, **p.pair} for p in stored]
-        return {"user_id": user_id, "num_pairs": len(pairs), "pairs": pairs}
+        page = eng.store.pairs(user_id, after=after, limit=limit + 1)
+        more = len(page) > limit
+        pairs = [{"id": p.id, "created": p.created, **p.pair} for p in page[:limit]]
+        next_after = pairs[-1]["id"] if more else None
+        return {"user_id": user_id, "num_pairs": total, "pairs": pairs, "next_after": next_after}
 
     @v1.delete("/users/{user_id}", response_model=DeletedOut, responses=_responses(404))
     def delete_user(user_id: UserId) -> DeletedOut:
@@ -773,32 +845,33 @@ def create_app(
             raise APIError(404, f"unknown user '{user_id}'")
         return DeletedOut(user_id=user_id, deleted=deleted)
 
-    def _score(user_id: str | None, body: Any) -> ScoreOut:
+    # The hot endpoints answer with ready JSON: FastAPI would otherwise validate the answer again.
+    def _score(user_id: str | None, body: Any) -> Response:
         rewards, n = eng.score(user_id, _dump(body.options), _dump(body.prompt), _dump(body.context))
-        return ScoreOut(user_id=user_id, rewards=rewards, num_context=n)
+        return _json(ScoreOut(user_id=user_id, rewards=rewards, num_context=n))
 
-    def _compare(user_id: str | None, body: Any) -> CompareOut:
+    def _compare(user_id: str | None, body: Any) -> Response:
         probs, n = eng.compare(user_id, _dump(body.pairs), _dump(body.context))
-        return CompareOut(user_id=user_id, probabilities=probs, num_context=n)
+        return _json(CompareOut(user_id=user_id, probabilities=probs, num_context=n))
 
     @v1.post("/users/{user_id}/score", response_model=ScoreOut)
-    def score_user(user_id: UserId, body: s.ScoreIn) -> ScoreOut:
+    def score_user(user_id: UserId, body: s.ScoreIn) -> Response:
         """Rewards r(y | D^C) of the options for this user (stored pairs plus any inline context; an
         unknown user has no stored pairs)."""
         return _score(user_id, body)
 
     @v1.post("/users/{user_id}/compare", response_model=CompareOut)
-    def compare_user(user_id: UserId, body: s.CompareIn) -> CompareOut:
+    def compare_user(user_id: UserId, body: s.CompareIn) -> Response:
         """P(a ≻ b | D^C) for this user."""
         return _compare(user_id, body)
 
     @v1.post("/score", response_model=ScoreOut)
-    def score(body: s.ScoreIn) -> ScoreOut:
+    def score(body: s.ScoreIn) -> Response:
         """Rewards for a brand-new user described only by the inline context (none: the prior)."""
         return _score(None, body)
 
     @v1.post("/compare", response_model=CompareOut)
-    def compare(body: s.CompareIn) -> CompareOut:
+    def compare(body: s.CompareIn) -> Response:
         """P(a ≻ b) for a brand-new user described only by the inline context."""
         return _compare(None, body)
 
@@ -807,7 +880,7 @@ def create_app(
         """Which candidate pair to ask the user next (pairs the user already answered are excluded)."""
         return NextQueryOut(**eng.next_query(user_id, _dump(body.candidates), body.strategy, body.seed))
 
-    @v1.post("/users/{user_id}/generate", response_model=GenerateOut, responses=_responses(409, 503))
+    @v1.post("/users/{user_id}/generate", response_model=GenerateOut, responses=_responses(409))
     def generate(user_id: UserId, body: s.GenerateIn) -> GenerateOut:
         """Responses of the loaded NP-DPO policy, steered by the user's stored (text) pairs."""
         sampling = body.model_dump(exclude={"prompts"})

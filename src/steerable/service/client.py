@@ -47,8 +47,10 @@ class Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
 
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
-        response = self.http.request(method, path, json=_plain(body) if body is not None else None)
+    def _call(self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None) -> Any:
+        response = self.http.request(
+            method, path, json=_plain(body) if body is not None else None, params=params
+        )
         if response.is_success:
             return response.json()
         try:
@@ -65,8 +67,19 @@ class Client:
         """Append pairs ``{"chosen", "rejected", "prompt"?}``; returns ``{"added", "num_pairs", ...}``."""
         return self._call("POST", f"{_user(user_id)}/preferences", {"pairs": pairs})
 
-    def get_user(self, user_id: str) -> dict[str, Any]:
-        return self._call("GET", _user(user_id))
+    def get_user(self, user_id: str, after: int = 0, limit: int | None = None) -> dict[str, Any]:
+        """One page of the user's pairs (``next_after``: where the next page starts, None: no more)."""
+        params = {"after": after} | ({"limit": limit} if limit is not None else {})
+        return self._call("GET", _user(user_id), params=params)
+
+    def all_pairs(self, user_id: str) -> list[dict[str, Any]]:
+        """Every stored pair of the user, oldest first (all pages)."""
+        pairs, after = [], 0
+        while after is not None:
+            page = self.get_user(user_id, after=after)
+            pairs += page["pairs"]
+            after = page["next_after"]
+        return pairs
 
     def delete_user(self, user_id: str) -> dict[str, Any]:
         return self._call("DELETE", _user(user_id))

@@ -156,16 +156,20 @@ class PreferenceStore:
 
         return self._write(steps)
 
-    def pairs(self, user_id: str, last: int | None = None) -> list[StoredPair]:
-        """The user's pairs (only the newest ``last`` if given), oldest first; empty for an unknown user."""
-        if last is None:
-            sql, args = "SELECT id, pair, created FROM pairs WHERE user_id = ? ORDER BY id", (user_id,)
-        else:
+    def pairs(
+        self, user_id: str, last: int | None = None, after: int = 0, limit: int | None = None
+    ) -> list[StoredPair]:
+        """The user's pairs, oldest first (empty for an unknown user): those with an id above ``after``,
+        at most ``limit`` of them, or only the newest ``last``."""
+        if last is not None:
             sql = (
                 "SELECT * FROM (SELECT id, pair, created FROM pairs WHERE user_id = ? ORDER BY id DESC "
                 "LIMIT ?) ORDER BY id"
             )
-            args = (user_id, last)
+            args: tuple = (user_id, last)
+        else:
+            sql = "SELECT id, pair, created FROM pairs WHERE user_id = ? AND id > ? ORDER BY id LIMIT ?"
+            args = (user_id, after, -1 if limit is None else limit)
         rows = self._conn().execute(sql, args).fetchall()
         return [StoredPair(i, json.loads(p), c) for i, p, c in rows]
 
