@@ -84,7 +84,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     import torch
 
     from steerable.errors import ConfigError
-    from steerable.service.app import Limits, build_engine, create_app
+    from steerable.service.app import create_app
+    from steerable.service.engine import build_engine
+    from steerable.service.schemas import Limits
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
