@@ -41,6 +41,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_core.py --out $(OUT)/bench --seed $(SEED)
 	$(BIN)/python benchmarks/bench_embed.py --out $(OUT)/bench
 	$(BIN)/python benchmarks/bench_service.py --out $(OUT)/bench
+	$(BIN)/python benchmarks/bench_policy.py --out $(OUT)/bench
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache .ruff_cache

@@ -85,6 +85,7 @@ def make_step(policy: ConditionalPolicy):
             terms["reference_rejected"],
             0.05,
             chosen_nll=terms["chosen_nll"],
+            chosen_tokens=terms["chosen_tokens"],
             nll_weight=1.0,
         )
         loss.backward()

@@ -152,6 +152,17 @@ def test_dpo_loss_is_btl_on_implicit_rewards_plus_nll():
     assert torch.allclose(
         dpo_loss(pc, pr, rc, rr, beta, chosen_nll=nll, nll_weight=0.5), manual + 0.5 * nll.mean()
     )
+    # with lengths: Σ NLL / Σ tokens, every token weighted alike (TRL's rpo_alpha term)
+    tokens = torch.tensor([2.0, 4.0, 1.0, 3.0, 10.0])
+    expected = manual + 0.5 * nll.sum() / tokens.sum()
+    assert torch.allclose(
+        dpo_loss(pc, pr, rc, rr, beta, chosen_nll=nll, chosen_tokens=tokens, nll_weight=0.5), expected
+    )
+    # a masked pair counts in neither the DPO term nor the NLL term
+    mask = torch.tensor([True, True, True, True, False])
+    manual4 = -btl_log_prob(beta * (pc - rc), beta * (pr - rr))[:4].mean()
+    got = dpo_loss(pc, pr, rc, rr, beta, mask, chosen_nll=nll, chosen_tokens=tokens, nll_weight=0.5)
+    assert torch.allclose(got, manual4 + 0.5 * nll[:4].sum() / tokens[:4].sum())
 
 
 def test_tokens_mark_exactly_the_response():

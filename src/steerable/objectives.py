@@ -81,14 +81,17 @@ def dpo_loss(
     beta: float,
     mask: Tensor | None = None,
     chosen_nll: Tensor | None = None,
+    chosen_tokens: Tensor | None = None,
     nll_weight: float = 0.0,
 ) -> Tensor:
-    """(Conditional) DPO: the BTL negative log-likelihood of the implicit rewards (eq. 8, 24), per pair.
+    """(Conditional) DPO: the BTL negative log-likelihood of the implicit rewards (eq. 8, 24), mean per pair.
 
     Plain DPO and NP-DPO differ only in what the policy log-probabilities were conditioned on. With
-    ``nll_weight`` > 0 the per-token negative log-likelihood of the chosen responses ``chosen_nll`` (one
-    value per pair) is added, as RPO does: it keeps the chosen responses likely so that generation stays
-    fluent while the margin grows.
+    ``nll_weight`` > 0, ``nll_weight`` × the chosen responses' negative log-likelihood per token is added,
+    as RPO does (TRL's ``rpo_alpha``): ``chosen_nll`` (pairs,) holds each chosen response's summed NLL and
+    ``chosen_tokens`` (pairs,) its length, and the term is Σ NLL / Σ tokens over the batch, so that every
+    token counts the same whatever the length of its response. It keeps the chosen responses likely while
+    the margin grows, which keeps generation fluent.
     """
     reward_chosen = implicit_reward(policy_chosen, reference_chosen, beta)
     reward_rejected = implicit_reward(policy_rejected, reference_rejected, beta)
@@ -97,5 +100,8 @@ def dpo_loss(
     loss = preference_loss(btl_log_prob(reward_chosen, reward_rejected), mask)
     if nll_weight and chosen_nll is not None:
         weights = mask.to(chosen_nll.dtype)
-        loss = loss + nll_weight * (chosen_nll * weights).sum() / weights.sum().clamp(min=1.0)
+        tokens = (
+            chosen_tokens.to(chosen_nll.dtype) if chosen_tokens is not None else torch.ones_like(chosen_nll)
+        )
+        loss = loss + nll_weight * (chosen_nll * weights).sum() / (tokens * weights).sum().clamp(min=1.0)
     return loss

@@ -67,7 +67,7 @@ class ActiveConfig(TextDataConfig):
     max_queries: int = option(10, "pairs asked per user (K)")
     pool_size: int = option(40, "candidate pairs per evaluation user")
     num_targets: int = option(40, "held-out target pairs per evaluation user")
-    eval_users: int = option(600, "evaluation users per population")
+    eval_users: int = option(400, "evaluation users per population")
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.strategies) - set(STRATEGIES))

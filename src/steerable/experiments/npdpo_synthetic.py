@@ -9,7 +9,8 @@ short-vs-long answers and agree on on-topic vs off-topic ones. Steps:
 3. NP-DPO (LoRA + FiLM hypernetwork + NP encoder, conditional DPO + NLL) and BTL-DPO (the same trainer
    without context and FiLM) are trained on the training users;
 4. on held-out users answering held-out prompts: implicit-reward accuracy on the conflicting pairs vs
-   N^C per type, the label-swap flip rate at N^C = 4, and generation — one sample per (user, prompt)
+   N^C per type, the label-swap flip rate per N^C (headline: the largest N^C, where a user's context
+   almost surely holds a conflicting pair), and generation — one sample per (user, prompt)
    with the user's 4 context pairs and with none, classified by the type's rule.
 """
 
@@ -50,7 +51,7 @@ class NPDPOSyntheticConfig:
     lm_layers: int = option(2, "tiny base LM blocks")
     sft_steps: int = option(800, "steps fitting the base LM to the responses")
     sft_batch_size: int = option(64, "responses per base-LM fitting step")
-    steps: int = option(1200, "NP-DPO and BTL-DPO training steps")
+    steps: int = option(4000, "NP-DPO and BTL-DPO training steps")
     users_per_batch: int = option(8, "users per step")
     targets_per_user: int = option(2, "target pairs per user per step")
     max_context: int = option(8, "largest N^C while training")
@@ -60,7 +61,7 @@ class NPDPOSyntheticConfig:
     lora_r: int = option(8, "LoRA rank")
     latent_dim: int = option(32, "z width")
     context_sizes: str = option("0,1,2,4,8", "N^C values evaluated")
-    eval_tasks: int = option(128, "evaluation tasks per N^C")
+    eval_tasks: int = option(256, "evaluation tasks per N^C")
     generation_context: int = option(4, "context pairs given when generating")
     generation_prompts: int = option(4, "held-out prompts per held-out user when generating")
     temperature: float = option(0.7, "sampling temperature (the generate command's default)")
@@ -199,8 +200,9 @@ def run_npdpo_synthetic(
     names = list(world.TYPES)
     np_acc = evaluators["np-dpo"].accuracy_by_mode(tasks, names)
     btl_acc = evaluators["btl-dpo"].accuracy_by_mode({0: tasks[0]}, names)
-    swap_nc = 4 if 4 in tasks else max(sizes)
-    flip = evaluators["np-dpo"].label_swap_flip_rate(tasks[swap_nc])
+    swap_nc = max(sizes)
+    flips = {str(n): evaluators["np-dpo"].label_swap_flip_rate(tasks[n]) for n in sizes if n > 0}
+    flip = flips.get(str(swap_nc), float("nan"))
     agree = PolicyEvaluator(policies["np-dpo"], test_tokens, test_vec, config.beta, scored=~test_conflict)
     agree_acc = agree.accuracy_by_mode({n: tasks[n] for n in (0, swap_nc)}, names)
     accuracy = {
@@ -219,6 +221,7 @@ def run_npdpo_synthetic(
         "agreeing_pairs_accuracy": {k: v for k, v in agree_acc.items() if k != "all"},
         "label_swap_flip_rate": flip,
         "label_swap_context_size": swap_nc,
+        "label_swap_flip_rate_by_context": flips,
         "generation": generation,
         "timings": timings,
         "rules": {
@@ -364,8 +367,8 @@ def _print(results: dict[str, Any], sizes: list[int]) -> None:
     console.print(table)
     gen = results["generation"]["np-dpo"]
     console.print(
-        f"label swap at N^C={results['label_swap_context_size']}: "
-        f"{results['label_swap_flip_rate']:.1%} of predictions flip"
+        "label swap (share of predictions that flip): "
+        + ", ".join(f"N^C={n}: {v:.1%}" for n, v in results["label_swap_flip_rate_by_context"].items())
     )
     console.print(
         f"generation follows the user's type: {gen['with_context']:.1%} with context, "

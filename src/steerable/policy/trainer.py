@@ -5,7 +5,7 @@ One step: B users are drawn as NP tasks (:class:`~steerable.data.sampler.TaskSam
 Uniform{min..max} context pairs per user), each user's next ``targets_per_user`` pairs are the targets
 (D^T \\ D^C). z is encoded from the context embeddings, FiLM is set per row, and the conditional DPO
 loss (:func:`steerable.objectives.dpo_loss`, β = 0.05 by default) plus ``nll_weight`` × the chosen
-responses' per-token NLL is minimised over LoRA, encoder and hypernetwork. The reference
+responses' NLL per token is minimised over LoRA, encoder and hypernetwork. The reference
 log-probabilities come from the same model with adapters and FiLM off.
 
 Metrics use TRL's names (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
@@ -142,7 +142,8 @@ def step_terms(
         "policy_rejected": logps[n:],
         "reference_chosen": reference[:n],
         "reference_rejected": reference[n:],
-        "chosen_nll": -logps[:n] / lengths[:n].clamp(min=1),
+        "chosen_nll": -logps[:n],  # summed over each chosen response's tokens
+        "chosen_tokens": lengths[:n],
     }
 
 
@@ -250,6 +251,7 @@ def train_policy(
                     terms["reference_rejected"],
                     config.beta,
                     chosen_nll=terms["chosen_nll"],
+                    chosen_tokens=terms["chosen_tokens"],
                     nll_weight=config.nll_weight,
                 )
                 accelerator.backward(loss)
@@ -332,5 +334,5 @@ def _metrics(terms: dict[str, torch.Tensor], loss: torch.Tensor, beta: float) ->
             "logps/rejected": float(terms["policy_rejected"].mean()),
             "logratio/chosen": float((terms["policy_chosen"] - terms["reference_chosen"]).mean()),
             "logratio/rejected": float((terms["policy_rejected"] - terms["reference_rejected"]).mean()),
-            "nll": float(terms["chosen_nll"].mean()),
+            "nll": float(terms["chosen_nll"].sum() / terms["chosen_tokens"].sum().clamp(min=1)),
         }
