@@ -149,7 +149,12 @@ def main() -> None:
     base_bytes = {}
     for name, p in policies.items():
         base_only = sum(t.untyped_storage().nbytes() for n, t in p.lm.named_parameters() if "lora_" not in n)
-        base_bytes[name] = {"policy_total_gb": storage_bytes(p) / 2**30, "base_gb": base_only / 2**30}
+        base_bytes[name] = {
+            "policy_total_gb": storage_bytes(p) / 2**30,
+            "base_gb": base_only / 2**30,
+            "trainable_parameters": sum(t.numel() for t in p.trainable_parameters()),
+            "base_parameters": sum(t.numel() for n, t in p.lm.named_parameters() if "lora_" not in n),
+        }
     steps = {name: make_step(p) for name, p in policies.items()}
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(args.steps + 2):
@@ -204,6 +209,12 @@ def main() -> None:
         f"  weights        : np-dpo policy holds {w['policy_total_gb']:.3f} GB of tensors, of which the base "
         f"model {w['base_gb']:.3f} GB: one copy (the reference is the same weights, adapters and FiLM off)"
     )
+    for name, w in base_bytes.items():
+        print(
+            f"  trained        : {name} {w['trainable_parameters'] / 1e6:.2f} M parameters "
+            f"({w['trainable_parameters'] / w['base_parameters']:.1%} of the base's "
+            f"{w['base_parameters'] / 1e6:.1f} M)"
+        )
     print(f"wrote {args.out / 'bench_policy.json'}")
 
 

@@ -5,7 +5,10 @@ Two populations, each with two hidden user types:
 * ``gaussian-rho0.5`` — Example 4.3's options [h0, h1] ~ N(0, [[1, ρ], [ρ, 1]]) at ρ = 0.5, type k prefers
   the larger h_k. Only a third of random pairs conflict, so random questions are often wasted.
 * ``just-eval-2modes`` (or the UltraFeedback aspects with ``--data``) — the offline benchmark's
-  ``length`` vs ``hedging`` users on held-out prompts; options are response embeddings.
+  ``length`` vs ``hedging`` users on held-out prompts; options are response embeddings. Candidates are
+  the test prompts' pairs as they come (~half conflicting); targets are conflicting pairs
+  (``--text-targets``), where knowing the user matters, and the model is trained on conflicting pairs,
+  as in ``hh``.
 
 For each population a variational NP-BTL (``vnp-btl``, the ``ml`` objective: the predictive that is
 used here) is trained on users answering random pairs. Then every evaluation user gets a pool of
@@ -62,8 +65,16 @@ class ActiveConfig(TextDataConfig):
     gaussian_pairs_per_user: int = option(40, "answered pairs per Gaussian training user")
     gaussian_steps: int = option(2000, "training steps of the Gaussian population's model")
     text_steps: int = option(1500, "training steps of the text population's model")
-    conflict_rate: float | None = option(None, "text users' share of conflicting pairs (none: as they come)")
+    conflict_rate: float | None = option(
+        1.0, "training users' share of conflicting pairs, text (none: as they come; 1.0 as in the hh study)"
+    )
+    text_targets: str = option(
+        "conflicting",
+        "text targets: conflicting pairs (where knowing the user matters, as in hh) or all",
+        choices=["conflicting", "all"],
+    )
     model: str = option("vnp-btl", "model type: vnp-btl (info-gain from q(z | D^C)) or np-btl")
+    vnp_objective: str = option("ml", "vnp-btl training objective: ml or elbo", choices=["ml", "elbo"])
     max_queries: int = option(10, "pairs asked per user (K)")
     pool_size: int = option(40, "candidate pairs per evaluation user")
     num_targets: int = option(40, "held-out target pairs per evaluation user")
@@ -121,14 +132,22 @@ def text_users(study: Any, population: Population, config: ActiveConfig, seed: i
     """Evaluation users on the test split's pairs: pool and targets drawn without overlap per user."""
     rng = np.random.default_rng(seed)
     pool = study.pools["test"]
-    need = config.pool_size + config.num_targets
-    if len(pool) < need:
+    p, t = config.pool_size, config.num_targets
+    eligible = (
+        pool.conflicting(population) if config.text_targets == "conflicting" else np.ones(len(pool), bool)
+    )
+    if len(pool) < p + t or eligible.sum() < t:
         raise DataError(
-            f"the test split has {len(pool)} pairs, but pool + targets need {need} per user: lower "
-            "--pool-size / --num-targets or add prompts",
+            f"the test split has {len(pool)} pairs ({int(eligible.sum())} eligible as targets), but each "
+            f"user needs {p} pool pairs and {t} targets: lower --pool-size / --num-targets or add prompts",
             source=study.table.source,
         )
-    picks = np.stack([rng.choice(len(pool), size=need, replace=False) for _ in range(config.eval_users)])
+    picks = []
+    for _ in range(config.eval_users):  # targets first (from the eligible pairs), the pool from the rest
+        targets = rng.choice(np.flatnonzero(eligible), size=t, replace=False)
+        rest = np.setdiff1d(np.arange(len(pool)), targets)
+        picks.append(np.concatenate([rng.choice(rest, size=p, replace=False), targets]))
+    picks = np.stack(picks)
     a, b = pool.a[picks], pool.b[picks]  # (B, P + T) response numbers
     attrs = study.table.attributes[:, pool.aspects]
     fa, fb = attrs[a].astype(np.float64), attrs[b].astype(np.float64)
@@ -136,7 +155,6 @@ def text_users(study: Any, population: Population, config: ActiveConfig, seed: i
     answers = torch.from_numpy(_answers(population, fa, fb, weights, rng))
     ea, eb = torch.from_numpy(study.embeddings[a]), torch.from_numpy(study.embeddings[b])
     fa_t, fb_t = torch.from_numpy(fa), torch.from_numpy(fb)
-    p = config.pool_size
     return EvalUsers(
         (ea[:, :p], eb[:, :p]),
         (fa_t[:, :p], fb_t[:, :p]),
@@ -232,7 +250,7 @@ def _gaussian(out: Path, config: ActiveConfig, seed: int, overwrite: bool) -> tu
     train_config = TrainConfig(max_steps=config.gaussian_steps, seed=s_model)
     result = train_model(
         config.model, train, val, out / name / config.model, train_config,
-        {"vnp_objective": "ml"} if config.model == "vnp-btl" else None, overwrite,
+        {"vnp_objective": config.vnp_objective} if config.model == "vnp-btl" else None, overwrite,
     )  # fmt: skip
     users = gaussian_users(population, config, s_eval)
     return name, _compare(name, result.model, users, config, s_cmp)
@@ -247,7 +265,7 @@ def _text(out: Path, config: ActiveConfig, seed: int, overwrite: bool) -> tuple[
     train_config = TrainConfig(max_steps=config.text_steps, learning_rate=config.learning_rate, seed=s_model)
     result = train_model(
         config.model, splits["train"], splits["val"], out / name / config.model, train_config,
-        {"vnp_objective": "ml"} if config.model == "vnp-btl" else None, overwrite,
+        {"vnp_objective": config.vnp_objective} if config.model == "vnp-btl" else None, overwrite,
     )  # fmt: skip
     users = text_users(study, population, config, s_eval)
     results = _compare(name, result.model, users, config, s_cmp)

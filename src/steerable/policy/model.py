@@ -16,6 +16,7 @@ standardisation) in ``policy.safetensors`` plus ``policy_config.json`` naming th
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,11 @@ class ConditionalPolicy(nn.Module):
                 target_modules=targets,
                 task_type="CAUSAL_LM",
             )
-            base = get_peft_model(base, lora)
+            with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
+                warnings.filterwarnings(
+                    "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+                )
+                base = get_peft_model(base, lora)
         self.lm = base
         self.hooks: FiLMHooks | None = None
         if config.conditional:
