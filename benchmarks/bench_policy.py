@@ -92,7 +92,7 @@ def make_step(policy: ConditionalPolicy):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         policy.modulate(None)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 

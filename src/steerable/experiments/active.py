@@ -64,7 +64,7 @@ class ActiveConfig(TextDataConfig):
     gaussian_train_users: int = option(4000, "training users of the Gaussian population")
     gaussian_pairs_per_user: int = option(40, "answered pairs per Gaussian training user")
     gaussian_steps: int = option(2000, "training steps of the Gaussian population's model")
-    text_steps: int = option(1500, "training steps of the text population's model")
+    text_steps: int = option(800, "training steps of the text population's model (as hh)")
     conflict_rate: float | None = option(
         1.0, "training users' share of conflicting pairs, text (none: as they come; 1.0 as in the hh study)"
     )
