@@ -45,7 +45,7 @@ class PolicyEvaluator:
         embedded: PreferenceData,
         beta: float = 0.05,
         scored: np.ndarray | None = None,
-        max_pairs_per_forward: int = 32,
+        max_pairs_per_forward: int = 16,
     ) -> None:
         self.policy, self.tokens, self.embedded, self.beta = policy.eval(), tokens, embedded, beta
         self.scored = np.ones(embedded.num_pairs, dtype=bool) if scored is None else np.asarray(scored, bool)
@@ -53,6 +53,7 @@ class PolicyEvaluator:
         tok = policy.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.reference = ReferenceLogProbs(policy, tokens, self.pad_id, max_pairs_per_forward)
+        self._margins: dict[tuple[int, bool], tuple[list[TaskBatch], TargetMargins]] = {}
 
     def tasks(
         self, context_sizes: list[int], num_tasks: int, targets: int, seed: int
@@ -65,7 +66,15 @@ class PolicyEvaluator:
 
     @torch.no_grad()
     def margins(self, batches: list[TaskBatch], swap_context: bool = False) -> TargetMargins:
-        """Margins of the scored targets of every task in ``batches``."""
+        """Margins of the scored targets of every task in ``batches`` (kept: the same list of batches is
+        scored once, e.g. by :meth:`accuracy_by_mode` and then :meth:`label_swap_flip_rate`)."""
+        key = (id(batches), swap_context)
+        if key not in self._margins:
+            self._margins[key] = (batches, self._margins_of(batches, swap_context))  # batches kept alive
+        return self._margins[key][1]
+
+    @torch.no_grad()
+    def _margins_of(self, batches: list[TaskBatch], swap_context: bool) -> TargetMargins:
         device = self.policy.device
         out_margin, out_mode, out_task = [], [], []
         task_offset = 0
