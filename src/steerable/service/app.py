@@ -21,6 +21,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -142,7 +143,7 @@ def create_app(
 
     bearer = HTTPBearer(auto_error=False, description="the server's --token")
 
-    def check_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+    async def check_token(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
         given = credentials.credentials if credentials is not None else ""
         if not hmac.compare_digest(given.encode(), (token or "").encode()):
             from fastapi import HTTPException
@@ -197,7 +198,15 @@ def create_app(
             raise APIError(404, f"unknown user '{user_id}'")
         return DeletedOut(user_id=user_id, deleted=deleted)
 
-    # The hot endpoints answer with ready JSON: FastAPI would otherwise validate the answer again.
+    # The hot endpoints answer with ready JSON: FastAPI would otherwise validate the answer again. With
+    # numeric options a request is ~1 ms of CPU, so it runs on the event loop itself: handing it to the
+    # threadpool cost more than the work (thread switches and GIL hand-offs; measured in bench_service).
+    # Text options may need the embedder, which can take long: those go to the threadpool.
+    async def _run(function: Any, *args: Any) -> Response:
+        if eng.text:
+            return await run_in_threadpool(function, *args)
+        return function(*args)
+
     def _score(user_id: str | None, body: Any) -> Response:
         rewards, n = eng.score(user_id, dump(body.options), dump(body.prompt), dump(body.context))
         return _json(ScoreOut(user_id=user_id, rewards=rewards, num_context=n))
@@ -207,25 +216,25 @@ def create_app(
         return _json(CompareOut(user_id=user_id, probabilities=probs, num_context=n))
 
     @v1.post("/users/{user_id}/score", response_model=ScoreOut)
-    def score_user(user_id: UserId, body: s.ScoreIn) -> Response:
+    async def score_user(user_id: UserId, body: s.ScoreIn) -> Response:
         """Rewards r(y | D^C) of the options for this user (stored pairs plus any inline context; an
         unknown user has no stored pairs)."""
-        return _score(user_id, body)
+        return await _run(_score, user_id, body)
 
     @v1.post("/users/{user_id}/compare", response_model=CompareOut)
-    def compare_user(user_id: UserId, body: s.CompareIn) -> Response:
+    async def compare_user(user_id: UserId, body: s.CompareIn) -> Response:
         """P(a ≻ b | D^C) for this user."""
-        return _compare(user_id, body)
+        return await _run(_compare, user_id, body)
 
     @v1.post("/score", response_model=ScoreOut)
-    def score(body: s.ScoreIn) -> Response:
+    async def score(body: s.ScoreIn) -> Response:
         """Rewards for a brand-new user described only by the inline context (none: the prior)."""
-        return _score(None, body)
+        return await _run(_score, None, body)
 
     @v1.post("/compare", response_model=CompareOut)
-    def compare(body: s.CompareIn) -> Response:
+    async def compare(body: s.CompareIn) -> Response:
         """P(a ≻ b) for a brand-new user described only by the inline context."""
-        return _compare(None, body)
+        return await _run(_compare, None, body)
 
     @v1.post("/users/{user_id}/next-query", response_model=NextQueryOut)
     def next_query(user_id: UserId, body: s.NextQueryIn) -> NextQueryOut:
