@@ -60,17 +60,11 @@ def _context(args: argparse.Namespace, embedder: Any) -> tuple[np.ndarray | None
     if args.context is None:
         return None, None
     from steerable.data.readers import load_any
+    from steerable.data.schema import user_rows
     from steerable.data.text import TextPreferences
 
     data = load_any(args.context)
-    users = sorted(set(data.user_ids.tolist()))
-    user = args.user
-    if user is None:
-        if len(users) != 1:
-            raise ConfigError(f"{args.context} holds {len(users)} users; choose one with --user")
-        user = users[0]
-    if user not in users:
-        raise ConfigError(f"{args.context}: no user {user!r}")
+    rows = user_rows(data.user_ids, args.user, args.context)
     if isinstance(data, TextPreferences):
         if embedder is None:
             raise ConfigError(
@@ -79,7 +73,6 @@ def _context(args: argparse.Namespace, embedder: Any) -> tuple[np.ndarray | None
         from steerable.text.embedder import embed_preferences
 
         data = embed_preferences(data, embedder, progress=False)
-    rows = np.flatnonzero(data.user_ids == user)
     return np.asarray(data.chosen)[rows], np.asarray(data.rejected)[rows]
 
 

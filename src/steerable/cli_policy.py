@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from steerable.errors import ConfigError, DataError
+from steerable.errors import DataError
 from steerable.utils.config import add_config_arguments, config_from_args
 
 
@@ -177,20 +177,13 @@ def _run_evaluate_policy(args: argparse.Namespace) -> int:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
+    from steerable.data.schema import user_rows
     from steerable.policy.generation import load_policy
 
     context = None
     if args.context:
         data = _text_data(args.context)
-        users = sorted(set(data.user_ids.tolist()))
-        user = args.user
-        if user is None:
-            if len(users) != 1:
-                raise ConfigError(f"{args.context} holds {len(users)} users; choose one with --user")
-            user = users[0]
-        if user not in users:
-            raise ConfigError(f"{args.context}: no user {user!r}")
-        rows = [i for i, u in enumerate(data.user_ids) if u == user]
+        rows = user_rows(data.user_ids, args.user, args.context)
         context = [
             {"prompt": data.prompts[i], "chosen": data.chosen[i], "rejected": data.rejected[i]} for i in rows
         ]

@@ -151,3 +151,16 @@ class PreferenceData:
             f"{self.num_pairs} pairs from {self.num_users} users, D={self.dim}, "
             f"pairs/user min {counts.min()} median {int(np.median(counts))} max {counts.max()}"
         )
+
+
+def user_rows(user_ids: np.ndarray, user: str | None, source: str) -> np.ndarray:
+    """Row numbers of one user's pairs: ``user``, or the file's only user when None (clear errors else)."""
+    users = sorted({str(u) for u in user_ids.tolist()})
+    if user is None:
+        if len(users) != 1:
+            raise DataError(f"holds {len(users)} users; choose one with --user", source=source)
+        user = users[0]
+    rows = np.flatnonzero(np.asarray([str(u) for u in user_ids.tolist()]) == str(user))
+    if not len(rows):
+        raise DataError(f"no user {user!r}", source=source)
+    return rows

@@ -27,6 +27,7 @@ import torch
 from steerable.data.schema import PreferenceData
 from steerable.data.text import TextPreferences
 from steerable.experiments.common import begin_study, child_seeds, console, write_results
+from steerable.experiments.policy_report import plot_policy_accuracy, plot_training, print_policy_table
 from steerable.experiments.text_common import (
     TextDataConfig,
     TextStudyData,
@@ -324,35 +325,17 @@ def _plot(out: Path, results: dict[str, Any], sizes: list[int]) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for k, mode in enumerate(results["modes"]):
-        curve = results["models"]["np-dpo"]["accuracy"].get(mode, {})
-        xs = [n for n in sizes if str(n) in curve]
-        ax.plot(xs, [curve[str(n)] for n in xs], "o-", color=f"C{k}", label=f"NP-DPO, {mode} users")
-        btl = results["models"]["btl-dpo"]["accuracy"].get(mode, {}).get("0")
-        if btl is not None:
-            ax.axhline(btl, color=f"C{k}", ls="--", label=f"BTL-DPO, {mode} users")
-    ax.axhline(0.5, color="k", lw=0.6, ls=":")
-    ax.set(xlabel="context pairs N^C", ylabel="implicit-reward accuracy", ylim=(0, 1.02))
+    plot_policy_accuracy(ax, results["models"], results["modes"], sizes, "implicit-reward accuracy")
     ax.set_title("NP-DPO on real text" + (" (smoke run)" if results["smoke"] else ""))
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "npdpo_hh.png", dpi=120)
     plt.close(fig)
+    plot_training(out)
 
 
 def _print(results: dict[str, Any], sizes: list[int]) -> None:
-    from rich.table import Table
-
-    table = Table(title="implicit-reward accuracy, held-out users and prompts")
-    table.add_column("model / type")
-    for n in sizes:
-        table.add_column(f"N^C={n}", justify="right")
-    for mode in results["modes"]:
-        curve = results["models"]["np-dpo"]["accuracy"].get(mode, {})
-        table.add_row(f"np-dpo / {mode}", *[f"{curve[str(n)]:.3f}" if str(n) in curve else "" for n in sizes])
-        btl = results["models"]["btl-dpo"]["accuracy"].get(mode, {}).get("0", float("nan"))
-        table.add_row(f"btl-dpo / {mode}", f"{btl:.3f}", *["" for _ in sizes[1:]])
-    console.print(table)
+    title = "implicit-reward accuracy, held-out users and prompts"
+    print_policy_table(title, results["models"], results["modes"], sizes)
     console.print(
         f"label swap at N^C={results['label_swap_context_size']}: {results['label_swap_flip_rate']:.1%} flip"
     )

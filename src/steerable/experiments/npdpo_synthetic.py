@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from steerable.experiments.common import begin_study, child_seeds, console, write_results
+from steerable.experiments.policy_report import plot_policy_accuracy, plot_training, print_policy_table
 from steerable.policy.evaluation import PolicyEvaluator
 from steerable.policy.generation import generate
 from steerable.policy.model import ConditionalPolicy, PolicyConfig, load_base_model
@@ -297,15 +298,9 @@ def _plots(out: Path, results: dict[str, Any], sizes: list[int]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    ax = axes[0]
-    for k, kind in enumerate(results["types"]):
-        curve = results["models"]["np-dpo"]["accuracy"][kind]
-        ax.plot(sizes, [curve[str(n)] for n in sizes], "o-", color=f"C{k}", label=f"NP-DPO, {kind}")
-        btl = results["models"]["btl-dpo"]["accuracy"][kind]["0"]
-        ax.axhline(btl, color=f"C{k}", ls="--", label=f"BTL-DPO, {kind}")
-    ax.set(xlabel="context pairs N^C", ylabel="implicit-reward accuracy (conflicting pairs)", ylim=(0, 1.02))
-    ax.set_title("held-out users and prompts")
-    ax.legend(fontsize=8)
+    ylabel = "implicit-reward accuracy (conflicting pairs)"
+    plot_policy_accuracy(axes[0], results["models"], results["types"], sizes, ylabel)
+    axes[0].set_title("held-out users and prompts")
     gen = results["generation"]["np-dpo"]
     ax = axes[1]
     labels = ["base model", "NP-DPO, no context", "NP-DPO, 4 context pairs"]
@@ -318,53 +313,12 @@ def _plots(out: Path, results: dict[str, Any], sizes: list[int]) -> None:
     fig.tight_layout()
     fig.savefig(out / "npdpo_synthetic.png", dpi=120)
     plt.close(fig)
-    _plot_training(out)
-
-
-def _plot_training(out: Path) -> None:
-    import csv
-
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for name, color in (("np-dpo", "C2"), ("btl-dpo", "C7")):
-        path = out / name / "metrics.csv"
-        if not path.exists():
-            continue
-        with open(path, encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-        step = [float(r["step"]) for r in rows]
-        axes[0].plot(step, [float(r["rewards/accuracies"]) for r in rows], color=color, label=name)
-        axes[1].plot(step, [float(r["logratio/chosen"]) for r in rows], color=color, label=f"{name} chosen")
-        axes[1].plot(
-            step,
-            [float(r["logratio/rejected"]) for r in rows],
-            color=color,
-            ls="--",
-            label=f"{name} rejected",
-        )
-    axes[0].set(xlabel="step", ylabel="rewards/accuracies (training batch)")
-    axes[1].set(xlabel="step", ylabel="log π/π_ref (nats)")
-    for ax in axes:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "npdpo_training.png", dpi=120)
-    plt.close(fig)
+    plot_training(out)
 
 
 def _print(results: dict[str, Any], sizes: list[int]) -> None:
-    from rich.table import Table
-
-    table = Table(title="implicit-reward accuracy on conflicting pairs, held-out users and prompts")
-    table.add_column("model / type")
-    for n in sizes:
-        table.add_column(f"N^C={n}", justify="right")
-    for kind in results["types"]:
-        curve = results["models"]["np-dpo"]["accuracy"][kind]
-        table.add_row(f"np-dpo / {kind}", *[f"{curve[str(n)]:.3f}" for n in sizes])
-        btl = results["models"]["btl-dpo"]["accuracy"][kind]["0"]
-        table.add_row(f"btl-dpo / {kind}", f"{btl:.3f}", *["" for _ in sizes[1:]])
-    console.print(table)
+    title = "implicit-reward accuracy on conflicting pairs, held-out users and prompts"
+    print_policy_table(title, results["models"], results["types"], sizes)
     gen = results["generation"]["np-dpo"]
     console.print(
         "label swap (share of predictions that flip): "

@@ -1,0 +1,75 @@
+"""Tables and figures shared by the NP-DPO studies (``npdpo-synthetic``, ``npdpo-hh``).
+
+``models`` is the studies' ``results["models"]``: ``{"np-dpo": {"accuracy": {group: {"<N^C>": acc}}},
+"btl-dpo": {"accuracy": {group: {"0": acc}}}}``, a group being a hidden user type.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from steerable.experiments.common import console
+
+
+def plot_policy_accuracy(
+    ax: Any, models: dict[str, Any], groups: list[str], sizes: list[int], ylabel: str
+) -> None:
+    """NP-DPO's implicit-reward accuracy vs N^C per group (solid) and BTL-DPO's (dashed) on one axis."""
+    for k, group in enumerate(groups):
+        curve = models["np-dpo"]["accuracy"].get(group, {})
+        xs = [n for n in sizes if str(n) in curve]
+        ax.plot(xs, [curve[str(n)] for n in xs], "o-", color=f"C{k}", label=f"NP-DPO, {group}")
+        btl = models["btl-dpo"]["accuracy"].get(group, {}).get("0")
+        if btl is not None:
+            ax.axhline(btl, color=f"C{k}", ls="--", label=f"BTL-DPO, {group}")
+    ax.axhline(0.5, color="k", lw=0.6, ls=":")
+    ax.set(xlabel="context pairs N^C", ylabel=ylabel, ylim=(0, 1.02))
+    ax.legend(fontsize=8)
+
+
+def plot_training(out: Path, filename: str = "npdpo_training.png") -> None:
+    """Training-batch accuracy and chosen / rejected log-ratios from ``out/{np-dpo,btl-dpo}/metrics.csv``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for name, color in (("np-dpo", "C2"), ("btl-dpo", "C7")):
+        path = out / name / "metrics.csv"
+        if not path.exists():
+            continue
+        with open(path, encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        step = [float(r["step"]) for r in rows]
+        axes[0].plot(step, [float(r["rewards/accuracies"]) for r in rows], color=color, label=name)
+        for key, style in (("logratio/chosen", "-"), ("logratio/rejected", "--")):
+            label = f"{name} {key.split('/')[1]}"
+            axes[1].plot(step, [float(r[key]) for r in rows], color=color, ls=style, label=label)
+    axes[0].set(xlabel="step", ylabel="rewards/accuracies (training batch)")
+    axes[1].set(xlabel="step", ylabel="log π/π_ref (nats)")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / filename, dpi=120)
+    plt.close(fig)
+
+
+def print_policy_table(title: str, models: dict[str, Any], groups: list[str], sizes: list[int]) -> None:
+    """One row per (model, group), one column per N^C (BTL-DPO has N^C = 0 only)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("model / type")
+    for n in sizes:
+        table.add_column(f"N^C={n}", justify="right")
+    for group in groups:
+        curve = models["np-dpo"]["accuracy"].get(group, {})
+        table.add_row(
+            f"np-dpo / {group}", *[f"{curve[str(n)]:.3f}" if str(n) in curve else "" for n in sizes]
+        )
+        btl = models["btl-dpo"]["accuracy"].get(group, {}).get("0", float("nan"))
+        table.add_row(f"btl-dpo / {group}", f"{btl:.3f}", *["" for _ in sizes[1:]])
+    console.print(table)
