@@ -125,3 +125,12 @@ def test_cache_shards_are_complete_files(tmp_path):
         len(EmbeddingCache(tmp_path, {"model": "x"})) == 2
         and len(EmbeddingCache(tmp_path, {"model": "y"})) == 0
     )
+
+
+def test_max_length_beyond_the_model_is_clamped_to_its_positions(tiny_encoder, tmp_path):
+    """The tiny encoder has 128 positions: a 256-token limit reads 128-token windows and no text crashes."""
+    wide = Embedder(EmbedderConfig(model=tiny_encoder, max_length=256, cache_dir=str(tmp_path)))
+    exact = Embedder(EmbedderConfig(model=tiny_encoder, max_length=128, cache_dir=str(tmp_path / "b")))
+    assert wide.max_length == 128 and wide.namespace() == exact.namespace()
+    long_text = " ".join(["word"] * 400)
+    assert np.allclose(wide.embed_texts([long_text]), exact.embed_texts([long_text]), atol=1e-6)

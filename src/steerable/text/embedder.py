@@ -147,12 +147,20 @@ class Embedder:
         )
         return "last-token" if causal else "mean"
 
+    @property
+    def max_length(self) -> int:
+        """Tokens per text or window: ``max_length``, or fewer when the model has fewer positions."""
+        positions = getattr(self.hf_config, "max_position_embeddings", None)
+        if isinstance(positions, int) and 0 < positions < self.config.max_length:
+            return positions
+        return self.config.max_length
+
     def namespace(self) -> dict[str, Any]:
         """Everything besides the text that determines a vector (the cache namespace)."""
         return {
             "model": self.resolved.fingerprint,
             "pooling": self.pooling,
-            "max_length": self.config.max_length,
+            "max_length": self.max_length,
             "long_texts": self.config.long_texts if self.pooling == "mean" else "keep-last",
             "normalize": self.pooling == "mean",
             "dtype": "float32",
@@ -248,7 +256,7 @@ class Embedder:
     def room(self) -> int:
         """Text tokens per window (``max_length`` minus the special tokens)."""
         prefix, suffix = self._affixes
-        return self.config.max_length - len(prefix) - len(suffix)
+        return self.max_length - len(prefix) - len(suffix)
 
     def _windows(self, ids: list[int]) -> list[list[int]]:
         """Token windows of one text, special tokens added, per the long-text rule."""
