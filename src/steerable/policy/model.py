@@ -112,6 +112,11 @@ def load_base_model(name: str, dtype: str = "float32", device: str | torch.devic
     return model.to(device), tokenizer
 
 
+def _uses_conv1d(base: nn.Module) -> bool:
+    """GPT-2-style models store linear weights transposed (transformers' ``Conv1D``); LoRA must know."""
+    return any(type(m).__name__ == "Conv1D" for m in base.modules())
+
+
 class ConditionalPolicy(nn.Module):
     """See the module docstring. ``base`` is a loaded causal LM; it is wrapped in place."""
 
@@ -132,6 +137,7 @@ class ConditionalPolicy(nn.Module):
                 lora_dropout=config.lora_dropout,
                 target_modules=targets,
                 task_type="CAUSAL_LM",
+                fan_in_fan_out=_uses_conv1d(base),
             )
             with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
                 warnings.filterwarnings(
