@@ -60,6 +60,11 @@ def test_hh_schema(tmp_path, tiny_encoder):
         assert set(r["models"][model]) == {"length", "hedging"}
         assert set(r["models"][model]["length"]) == {"0", "1", "3", "10"}
     assert set(r["silhouette"]) == {"0", "1", "3", "10"}
+    # two deterministic types on fully conflicting pairs: without context Bayes is a coin flip over the
+    # types (one type right, the other wrong); one answered pair identifies the type
+    bayes = r["bayes"]
+    assert bayes["length"]["0"] + bayes["hedging"]["0"] == pytest.approx(1.0, abs=1e-9)
+    assert all(bayes[m][c] == 1.0 for m in ("length", "hedging") for c in ("1", "3", "10"))
     assert {p.name for p in out.glob("*.png")} == {"accuracy_per_mode.png", "embedding_pca.png"}
     # a second run reads every embedding from the cache
     assert (

@@ -130,12 +130,14 @@ def plot_accuracy_per_mode(
     models: Mapping[str, Mapping[str, Mapping[str, float]]],
     title: str = "",
 ) -> Path:
-    """Figures 2a/6a: one panel per user type; NP-BTL vs N^C, BTL-mixed, and the type's oracle (dashed)."""
+    """Figures 2a/6a: one panel per user type; NP-BTL vs N^C, BTL-mixed, the type's oracle (dashed) and,
+    when given, the Bayes-optimal predictor that sees the true attributes (dotted)."""
     fig, axes = plt.subplots(1, len(modes), figsize=(4.2 * len(modes), 3.6), sharey=True, squeeze=False)
     styles = {
         "np-btl": ("tab:blue", "-", "o"),
         "btl-mixed": ("tab:gray", "-", "s"),
         "btl-oracle": ("black", "--", None),
+        "bayes-optimal": ("tab:green", ":", None),
     }
     for ax, mode in zip(axes[0], modes, strict=True):
         for name, per_mode in models.items():

@@ -10,6 +10,7 @@ unseen pairs of held-out users on held-out prompts; PCA of z coloured by type; s
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from sklearn.decomposition import PCA
 from sklearn.metrics import silhouette_score
 
+from steerable.bayes import BayesOptimalPredictor
 from steerable.data.sampler import TaskSampler
 from steerable.data.schema import PreferenceData
 from steerable.evaluation import evaluate
@@ -33,6 +35,7 @@ from steerable.experiments.common import (
 )
 from steerable.experiments.text_common import (
     TextDataConfig,
+    TextStudyData,
     mode_population,
     prepare_text_study,
     simulate_splits_from_pools,
@@ -76,6 +79,31 @@ def silhouette(z: np.ndarray, labels: np.ndarray) -> float:
     if len(np.unique(labels)) < 2 or float(z.std(axis=0).max()) < 1e-6:
         return 0.0
     return float(silhouette_score(z, labels))
+
+
+def bayes_per_mode(
+    study: TextStudyData, config: ModesConfig, data_seed: int, eval_seed: int, sizes: list[int]
+) -> dict[str, dict[str, float]]:
+    """Bayes-optimal accuracy per type on exactly the models' test tasks, from the true attributes.
+
+    The simulator's draws do not depend on the option vectors, so the same users answer the same pairs
+    with the attributes as options; the posterior over types then explains the per-type shape of the
+    curves (e.g. a type that the context-free majority favours can lose accuracy from N^C = 0 to 1).
+    """
+    attrs = study.table.attributes[:, study.table.attribute_index(study.aspects)].astype(np.float32)
+    as_attributes = dataclasses.replace(study, embeddings=attrs)
+    population = mode_population(len(study.aspects))
+    test = simulate_splits_from_pools(as_attributes, population, config, config.conflict_rate, data_seed)[
+        "test"
+    ]
+    ev = evaluate(
+        BayesOptimalPredictor(population, seed=eval_seed),
+        test,
+        sizes,
+        num_tasks=config.eval_tasks,
+        seed=eval_seed,
+    )
+    return {m: {str(c): ev.model[c]["by_mode"].get(i) for c in sizes} for i, m in enumerate(study.aspects)}
 
 
 def run_modes(
@@ -170,6 +198,7 @@ def run_modes(
         overwrite=overwrite,
     ).model
     results["models"]["np-btl"], results["stderr"]["np-btl"] = per_mode(np_btl)
+    results["bayes"] = bayes_per_mode(study, config, data_seed, eval_seed, sizes)
 
     embeddings = {
         c: user_embeddings(np_btl, mixed["test"], c, min(1000, config.test_users), eval_seed)
@@ -179,7 +208,8 @@ def run_modes(
     results["elapsed_s"] = time.perf_counter() - start
     write_results(out, results)
 
-    plot_accuracy_per_mode(out / "accuracy_per_mode.png", modes, results["models"], title=title)
+    curves = {**results["models"], "bayes-optimal": results["bayes"]}
+    plot_accuracy_per_mode(out / "accuracy_per_mode.png", modes, curves, title=title)
     pca = {}
     for c in config.pca_context_sizes:
         z, labels = embeddings[c]
@@ -192,7 +222,7 @@ def run_modes(
     )
     rows = {
         f"{name} ({m})": {int(c): v for c, v in curve.items()}
-        for name, per in results["models"].items()
+        for name, per in curves.items()
         for m, curve in per.items()
     }
     print_accuracy_table("accuracy on unseen pairs per user type (columns: N^C)", sizes, rows)
