@@ -18,8 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.decomposition import PCA
-from sklearn.metrics import silhouette_score
 
 from steerable.bayes import BayesOptimalPredictor
 from steerable.data.sampler import TaskSampler
@@ -76,6 +74,8 @@ def user_embeddings(
 
 def silhouette(z: np.ndarray, labels: np.ndarray) -> float:
     """Silhouette of z grouped by true type (0 when all z coincide, e.g. with no context)."""
+    from sklearn.metrics import silhouette_score  # sklearn costs seconds to import: only when used
+
     if len(np.unique(labels)) < 2 or float(z.std(axis=0).max()) < 1e-6:
         return 0.0
     return float(silhouette_score(z, labels))
@@ -210,6 +210,8 @@ def run_modes(
 
     curves = {**results["models"], "bayes-optimal": results["bayes"]}
     plot_accuracy_per_mode(out / "accuracy_per_mode.png", modes, curves, title=title)
+    from sklearn.decomposition import PCA
+
     pca = {}
     for c in config.pca_context_sizes:
         z, labels = embeddings[c]
