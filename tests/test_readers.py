@@ -54,6 +54,18 @@ def test_integer_user_ids_and_optional_prompt(tmp_path):
     assert list(data.prompts) == ["hi", None]
 
 
+def test_byte_order_mark_and_crlf_lines_are_read(tmp_path):
+    """Files from Windows tools: a UTF-8 BOM, CRLF line ends and blank lines read like plain JSONL."""
+    rows = [{"user_id": "a", "chosen": [1.0, 2.0], "rejected": [0.0, 1.0]}] * 3
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b"\r\n\r\n".join(json.dumps(r).encode() for r in rows) + b"\r\n")
+    data = load_preferences(path)
+    assert list(data.users) == ["a"] and data.num_pairs == 3
+    with pytest.raises(DataError, match="not UTF-8"):
+        (tmp_path / "latin1.jsonl").write_bytes(b'{"user_id": "\xe9", "chosen": [1], "rejected": [0]}\n')
+        load_preferences(tmp_path / "latin1.jsonl")
+
+
 def test_json_array_file(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps([GOOD, GOOD]))
     assert load_preferences(tmp_path / "d.json").num_pairs == 2

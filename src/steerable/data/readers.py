@@ -88,11 +88,12 @@ def _from_table(table: pa.Table, source: str) -> PreferenceData | TextPreference
 # JSON Lines / JSON: validated row by row, errors name the line.
 # ----------------------------------------------------------------------------------------------------
 def _open_text(path: Path):
+    """UTF-8 text; a leading byte-order mark (as some Windows tools write) is skipped."""
     if path.suffix == ".gz":
         import gzip
 
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
 
 
 def iter_json_rows(path: str | Path) -> Iterator[tuple[str, Any]]:
