@@ -245,3 +245,38 @@ def test_experiment_gaussian_writes_results_schema_and_plot(tmp_path):
     assert set(errors["rho_train=-1.0"]) == {"-1.0", "-0.5", "0.0", "0.5", "0.9"}
     assert errors["bayes"]["0.0"] == pytest.approx(0.25)
     assert (out / "error_vs_rho.png").exists()
+
+
+def _commands_and_studies() -> list[list[str]]:
+    from steerable.cli import _commands
+    from steerable.experiments import STUDIES
+
+    commands = _commands()
+    return [[name] for name in commands if name != "experiment"] + [["experiment", s] for s in STUDIES]
+
+
+@pytest.mark.parametrize("words", _commands_and_studies(), ids=" ".join)
+def test_every_command_has_working_help(words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*words, "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: steerable {' '.join(words)}")
+
+
+def test_top_level_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from steerable.cli import main\n"
+        "for words in (['--help'], ['experiment', '--help']):\n"
+        "    try:\n"
+        "        main(words)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('torch' in sys.modules)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "train-policy" in run.stdout and "npdpo-synthetic" in run.stdout
+    assert run.stdout.strip().splitlines()[-1] == "False"

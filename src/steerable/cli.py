@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from steerable.errors import ConfigError, SteerableError
@@ -38,12 +39,7 @@ def _matrix(text: str) -> list[list[float]]:
 
 
 # ---- simulate -----------------------------------------------------------------------------------------
-def _add_simulate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "simulate",
-        help="write a simulated hidden-context population to train/val/test files",
-        description="Simulate users with hidden preferences in the preference data format.",
-    )
+def _add_simulate(p: argparse.ArgumentParser, rest: list[str] | None) -> None:
     p.add_argument(
         "--population",
         choices=["step-1d", "gaussian", "attributes"],
@@ -187,12 +183,7 @@ def _load_vectors(path: str, args: argparse.Namespace):
     return vectors
 
 
-def _add_embed(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "embed",
-        help="turn text preference pairs into vector pairs (Parquet), through the cache",
-        description="Embed each option [prompt ‖ completion] of a text preference file.",
-    )
+def _add_embed(p: argparse.ArgumentParser, rest: list[str] | None) -> None:
     p.add_argument(
         "--data", required=True, help="text pairs (.jsonl, .json, .parquet or a saved datasets folder)"
     )
@@ -211,15 +202,10 @@ def _run_embed(args: argparse.Namespace) -> int:
 
 
 # ---- train --------------------------------------------------------------------------------------------
-def _add_train(sub: argparse._SubParsersAction) -> None:
+def _add_train(p: argparse.ArgumentParser, rest: list[str] | None) -> None:
     from steerable.models.base import RewardModelConfig
     from steerable.training import TrainConfig
 
-    p = sub.add_parser(
-        "train",
-        help="train a reward model (btl, dpl, np-btl, vnp-btl)",
-        description="Train a reward model; rerun the same command to resume an interrupted run.",
-    )
     p.add_argument(
         "--data", required=True, help="training pairs (.jsonl, .json, .parquet or a saved datasets folder)"
     )
@@ -271,12 +257,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 # ---- evaluate -----------------------------------------------------------------------------------------
-def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "evaluate",
-        help="accuracy vs number of context pairs on unseen pairs",
-        description="Evaluate a trained model on D^T \\ D^C for several context sizes N^C.",
-    )
+def _add_evaluate(p: argparse.ArgumentParser, rest: list[str] | None) -> None:
     p.add_argument("model_dir", type=Path, help="folder written by 'steerable train'")
     p.add_argument("--data", required=True, help="evaluation pairs (users not seen in training)")
     p.add_argument(
@@ -347,18 +328,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 # ---- experiments --------------------------------------------------------------------------------------
-def _add_experiment(sub: argparse._SubParsersAction) -> None:
+def _add_experiment(p: argparse.ArgumentParser, rest: list[str] | None) -> None:
     from steerable.experiments import STUDIES
 
-    p = sub.add_parser(
-        "experiment",
-        help="reproduce one of the paper's studies",
-        description="Each study writes results.json, PNG plots and a printed table into --out.",
-    )
     studies = p.add_subparsers(dest="study", required=True, metavar="STUDY")
     for name, study in STUDIES.items():
-        config_cls, _ = study.load()
         q = studies.add_parser(name, help=study.help, description=study.help)
+        if rest is not None and rest[:1] != [name]:  # only the study being run loads its module
+            continue
+        config_cls, _ = study.load()
         q.add_argument("--out", type=Path, required=True, help="output folder")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument(
@@ -383,34 +361,102 @@ def _run_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full ``steerable`` argument parser."""
+@dataclasses.dataclass(frozen=True)
+class _Command:
+    """One subcommand: its help, and the function that adds its options, given the words after the
+    command (``None``: build every option)."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser, list[str] | None], None]
+    description: str | None = None
+
+
+def _commands() -> dict[str, _Command]:
+    from steerable.cli_active import add_elicit_arguments
+    from steerable.cli_policy import (
+        add_evaluate_policy_arguments,
+        add_generate_arguments,
+        add_train_policy_arguments,
+    )
+    from steerable.cli_service import add_serve_arguments
+
+    return {
+        "simulate": _Command(
+            "write a simulated hidden-context population to train/val/test files",
+            _add_simulate,
+            "Simulate users with hidden preferences in the preference data format.",
+        ),
+        "embed": _Command(
+            "turn text preference pairs into vector pairs (Parquet), through the cache",
+            _add_embed,
+            "Embed each option [prompt ‖ completion] of a text preference file.",
+        ),
+        "train": _Command(
+            "train a reward model (btl, dpl, np-btl, vnp-btl)",
+            _add_train,
+            "Train a reward model; rerun the same command to resume an interrupted run.",
+        ),
+        "evaluate": _Command(
+            "accuracy vs number of context pairs on unseen pairs",
+            _add_evaluate,
+            "Evaluate a trained model on D^T \\ D^C for several context sizes N^C.",
+        ),
+        "experiment": _Command(
+            "reproduce one of the paper's studies",
+            _add_experiment,
+            "Each study writes results.json, PNG plots and a printed table into --out.",
+        ),
+        "train-policy": _Command(
+            "train an LLM policy steered by context pairs (np-dpo) or the btl-dpo baseline",
+            lambda p, rest: add_train_policy_arguments(p, _add_embedder_arguments),
+            "Train NP-DPO (LoRA + FiLM hypernetwork + NP context encoder, conditional DPO) or "
+            "BTL-DPO on text pairs with user ids; rerun the same command to resume.",
+        ),
+        "evaluate-policy": _Command(
+            "implicit-reward accuracy of a policy vs N^C on held-out users, and the label-swap test",
+            lambda p, rest: add_evaluate_policy_arguments(p),
+        ),
+        "generate": _Command(
+            "generate text steered by a user's context pairs", lambda p, rest: add_generate_arguments(p)
+        ),
+        "elicit": _Command(
+            "choose the next pair to ask a user (active elicitation), or ask interactively",
+            lambda p, rest: add_elicit_arguments(p),
+            "Rank a pool of candidate pairs ({'a', 'b', 'prompt'?} per JSONL row) by how much the "
+            "user's answer would tell the model, given the user's answers so far.",
+        ),
+        "serve": _Command(
+            "serve a reward model over HTTP: store users' pairs, score, compare, next query, generate",
+            lambda p, rest: add_serve_arguments(p),
+            "Run the personalization service (JSON API under /v1, OpenAPI schema at /openapi.json).",
+        ),
+    }
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``steerable`` argument parser.
+
+    With ``argv``, only the options of the command it names are built (the other commands are listed
+    with their help), so ``steerable --help`` and light commands start without importing torch.
+    """
     from steerable import __version__
 
     parser = argparse.ArgumentParser(prog="steerable", description=__doc__.split(".")[0] + ".")
     parser.add_argument("--version", action="version", version=f"steerable {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_simulate(sub)
-    _add_embed(sub)
-    _add_train(sub)
-    _add_evaluate(sub)
-    _add_experiment(sub)
-    from steerable.cli_policy import add_policy_commands
-
-    add_policy_commands(sub, _add_embedder_arguments)
-    from steerable.cli_active import add_elicit_command
-
-    add_elicit_command(sub)
-    from steerable.cli_service import add_service_commands
-
-    add_service_commands(sub)
+    for name, command in _commands().items():
+        p = sub.add_parser(name, help=command.help, description=command.description or command.help)
+        if argv is None:
+            command.add_arguments(p, None)
+        elif argv[:1] == [name]:
+            command.add_arguments(p, list(argv[1:]))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``steerable`` console script; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.run(args) or 0)
     except SteerableError as exc:

@@ -13,16 +13,10 @@ import numpy as np
 from steerable.errors import ConfigError
 
 
-def add_elicit_command(sub: argparse._SubParsersAction) -> None:
-    """Register ``elicit`` on the main parser's subparsers."""
+def add_elicit_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``elicit``."""
     from steerable.active import STRATEGIES
 
-    p = sub.add_parser(
-        "elicit",
-        help="choose the next pair to ask a user (active elicitation), or ask interactively",
-        description="Rank a pool of candidate pairs ({'a', 'b', 'prompt'?} per JSONL row) by how much the "
-        "user's answer would tell the model, given the user's answers so far.",
-    )
     p.add_argument(
         "--model",
         dest="model_dirs",

@@ -11,17 +11,11 @@ from steerable.errors import DataError
 from steerable.utils.config import add_config_arguments, config_from_args
 
 
-def add_policy_commands(sub: argparse._SubParsersAction, add_embedder_arguments) -> None:
-    """Register the commands on the main parser's subparsers."""
+def add_train_policy_arguments(p: argparse.ArgumentParser, add_embedder_arguments) -> None:
+    """The options of ``train-policy``."""
     from steerable.policy.model import PolicyConfig
     from steerable.policy.trainer import PolicyTrainConfig
 
-    p = sub.add_parser(
-        "train-policy",
-        help="train an LLM policy steered by context pairs (np-dpo) or the btl-dpo baseline",
-        description="Train NP-DPO (LoRA + FiLM hypernetwork + NP context encoder, conditional DPO) or "
-        "BTL-DPO on text pairs with user ids; rerun the same command to resume.",
-    )
     p.add_argument(
         "--data", required=True, help="text preference pairs with user_id (.jsonl/.parquet/datasets)"
     )
@@ -33,10 +27,9 @@ def add_policy_commands(sub: argparse._SubParsersAction, add_embedder_arguments)
     add_embedder_arguments(p)
     p.set_defaults(run=_run_train_policy)
 
-    p = sub.add_parser(
-        "evaluate-policy",
-        help="implicit-reward accuracy of a policy vs N^C on held-out users, and the label-swap test",
-    )
+
+def add_evaluate_policy_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``evaluate-policy``."""
     p.add_argument("model_dir", type=Path, help="folder written by train-policy")
     p.add_argument("--data", required=True, help="held-out users' text pairs")
     p.add_argument("--context-sizes", default="0,1,2,4,8", help="N^C values (default: 0,1,2,4,8)")
@@ -48,7 +41,9 @@ def add_policy_commands(sub: argparse._SubParsersAction, add_embedder_arguments)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.set_defaults(run=_run_evaluate_policy)
 
-    p = sub.add_parser("generate", help="generate text steered by a user's context pairs")
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``generate``."""
     p.add_argument(
         "--model", dest="model_dir", type=Path, required=True, help="folder written by train-policy"
     )

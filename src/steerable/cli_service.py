@@ -8,13 +8,8 @@ import socket
 from pathlib import Path
 
 
-def add_service_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``serve`` on the main parser's subparsers."""
-    p = sub.add_parser(
-        "serve",
-        help="serve a reward model over HTTP: store users' pairs, score, compare, next query, generate",
-        description="Run the personalization service (JSON API under /v1, OpenAPI schema at /openapi.json).",
-    )
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``serve``."""
     p.add_argument(
         "--model",
         dest="model_dirs",

@@ -53,7 +53,7 @@ def add_config_arguments(
         kind, optional = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         if kind is bool:
             parser.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
@@ -71,7 +71,7 @@ def add_config_arguments(
             default=default,
             choices=f.metadata.get("choices"),
             metavar=f.metadata.get("metavar"),
-            help=f"{help_text} (default: {shown})",
+            help=f"{help_text} (default: {str(shown).replace('%', '%%')})",
         )
 
 
