@@ -26,8 +26,7 @@ from conftest import tiny_config
 from steerable.active import select_next
 from steerable.cli import main
 from steerable.models import build_reward_model, load_reward_model
-from steerable.service import Client, Limits, PreferenceStore, ServerThread, ServiceError, create_app
-from steerable.service.store import TooManyPairs
+from steerable.service import Client, Limits, ServerThread, ServiceError, create_app, open_store
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
@@ -163,20 +162,6 @@ def test_eight_concurrent_writers_leave_exactly_800_pairs(server):
     assert len({p["id"] for p in pairs}) == 800
     for k in range(8):  # every writer's pairs, each exactly once and in the order it sent them
         assert [p["chosen"][1] for p in pairs if p["chosen"][0] == k] == [float(i) for i in range(100)]
-
-
-def test_store_limits_and_meta_are_transactional(tmp_path):
-    with PreferenceStore(tmp_path / "s.db", max_pairs_per_user=3) as store:
-        assert store.add_pairs("a", [{"chosen": [1], "rejected": [2]}] * 2) == 2
-        with pytest.raises(TooManyPairs, match="limit of 3"):
-            store.add_pairs("a", [{"chosen": [1], "rejected": [2]}] * 2)
-        assert store.count("a") == 2  # nothing of the refused write was stored
-        store.ensure_meta("options", "numeric:2")
-        store.ensure_meta("options", "numeric:2")
-        with pytest.raises(Exception, match="numeric:2"):
-            store.ensure_meta("options", "numeric:3")
-        assert store.version("nobody") == 0 and store.version("a") == store.pairs("a")[-1].id
-        assert [p.id for p in store.pairs("a", last=1)] == [store.version("a")]
 
 
 # ---- auth and validation -----------------------------------------------------------------------------
@@ -523,7 +508,7 @@ def test_serve_command_builds_the_app_from_its_flags(np_model, tmp_path, monkeyp
     assert seen["added"]["num_pairs"] == 1
     assert seen["health"]["auth_required"] is True and seen["health"]["ensemble_size"] == 2
     assert "info-gain" in seen["health"]["strategies"]
-    with PreferenceStore(tmp_path / "cli.db") as store:
+    with open_store(tmp_path / "cli.db") as store:
         assert store.count("x") == 1
 
 
@@ -562,7 +547,7 @@ def test_serve_command_runs_the_service_with_a_token_from_the_environment(np_mod
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    with PreferenceStore(tmp_path / "cli.db") as store:
+    with open_store(tmp_path / "cli.db") as store:
         assert store.count("x") == 1
 
 

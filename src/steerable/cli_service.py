@@ -22,9 +22,34 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument(
         "--db",
-        type=Path,
-        default=Path("steerable.db"),
-        help="SQLite file of users' pairs (default: steerable.db)",
+        default="steerable.db",
+        help="where users' pairs are kept: an SQLite file (default: steerable.db; one replica) or a "
+        "PostgreSQL URL postgresql://USER[:PASSWORD]@HOST:PORT/DATABASE (several replicas may share it)",
+    )
+    p.add_argument(
+        "--db-pool-size",
+        type=int,
+        default=10,
+        help="PostgreSQL: connections this replica keeps open at most (default: 10)",
+    )
+    p.add_argument(
+        "--db-timeout",
+        type=float,
+        default=5.0,
+        help="PostgreSQL: seconds a request waits for a connection before a 503 (default: 5)",
+    )
+    p.add_argument(
+        "--max-cache-mb",
+        type=float,
+        default=1024,
+        help="memory for cached personalised models and text embeddings, in MiB; least recently used "
+        "entries are evicted beyond it (default: 1024; 0: no cache)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of the models: cpu, cuda, cuda:1, mps, or auto (CUDA when available; "
+        "default: cpu)",
     )
     p.add_argument(
         "--token",
@@ -82,22 +107,35 @@ def _run_serve(args: argparse.Namespace) -> int:
     from steerable.service.app import create_app
     from steerable.service.engine import build_engine
     from steerable.service.schemas import Limits
+    from steerable.service.store import describe_db
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
-    if args.max_context < 1 or args.torch_threads < 1:
-        raise ConfigError("--max-context and --torch-threads must be >= 1")
+    if args.max_context < 1 or args.torch_threads < 1 or args.db_pool_size < 1:
+        raise ConfigError("--max-context, --torch-threads and --db-pool-size must be >= 1")
+    if not args.max_cache_mb >= 0 or not args.db_timeout > 0:
+        raise ConfigError("--max-cache-mb must be >= 0 and --db-timeout > 0")
     torch.set_num_threads(args.torch_threads)
     token = args.token or os.environ.get("STEERABLE_TOKEN") or None
-    limits = Limits(max_context=args.max_context)
-    engine = build_engine(args.model_dirs, args.db, policy_dir=args.policy, seed=args.seed, limits=limits)
+    limits = Limits(max_context=args.max_context, max_cache_bytes=int(args.max_cache_mb * 2**20))
+    engine = build_engine(
+        args.model_dirs,
+        args.db,
+        policy_dir=args.policy,
+        seed=args.seed,
+        limits=limits,
+        device=args.device,
+        pool_size=args.db_pool_size,
+        db_timeout=args.db_timeout,
+    )
     try:
         sock = _listen(args.host, args.port)
         app = create_app(engine=engine, token=token)
         health = engine.health()
         print(
             f"serving {health['model_type']} ({health['options']} options, input_dim {health['input_dim']}, "
-            f"ensemble of {health['ensemble_size']}) on http://{args.host}:{args.port}; pairs in {args.db}"
+            f"ensemble of {health['ensemble_size']}, {health['device']}) on http://{args.host}:{args.port}; "
+            f"pairs in {describe_db(args.db)}; cache {args.max_cache_mb:g} MiB"
             + ("; bearer token required" if token else ""),
             flush=True,
         )

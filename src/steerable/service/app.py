@@ -7,12 +7,13 @@ elicits and generates for them with a saved reward model (and optionally an NP-D
 This module holds the routes (:func:`create_app`) and :class:`ServerThread`; the limits and request/response
 schemas are in :mod:`steerable.service.schemas`, the engine (models, embedder, per-user cache of
 personalised models) in :mod:`steerable.service.engine`. Inference runs in FastAPI's threadpool (sync
-endpoints); the reward models are only read, the embedder and the policy are used under locks.
+endpoints; numeric scoring on the event loop when the store is a local SQLite file); the reward models are
+only read, the embedder and the policy are used under locks. A database that cannot answer is a 503 with
+``Retry-After`` (never a 500), and every write is answered only after its transaction committed.
 """
 
 import hmac
 import socket
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -45,7 +46,9 @@ from steerable.service.schemas import (
     dump,
     validation_body,
 )
-from steerable.service.store import TooManyPairs
+from steerable.service.store import StoreUnavailable, TooManyPairs
+
+RETRY_AFTER_S = 1  # what a 503 tells clients to wait before retrying
 
 
 # ---- the app -------------------------------------------------------------------------------------------
@@ -90,7 +93,7 @@ def _responses(*codes: int) -> dict[int | str, dict[str, Any]]:
         404: "unknown user",
         409: "conflict (no policy loaded, or too many pairs for one user)",
         413: "request body too large",
-        503: "the database is busy or the embedder failed; retry later",
+        503: "the database is down, restarting or busy, or the embedder failed; retry (see Retry-After)",
     }
     return {c: {"model": ErrorOut, "description": text[c]} for c in codes}
 
@@ -103,15 +106,17 @@ def create_app(
     seed: int = 0,
     limits: Limits | None = None,
     engine: Engine | None = None,
+    device: str = "cpu",
 ) -> FastAPI:
     """The FastAPI app for a saved reward model folder (several folders: an ensemble), or a built
-    :class:`Engine`. ``token``: every endpoint except ``/v1/health`` needs ``Authorization: Bearer token``.
-    The caller closes the store when done (``app.state.engine.close()``)."""
+    :class:`Engine`. ``db``: an SQLite file or a ``postgresql://`` URL. ``token``: every endpoint except
+    ``/v1/health`` needs ``Authorization: Bearer token``. The caller closes the store when done
+    (``app.state.engine.close()``)."""
     if engine is None:
         if model is None:
             raise ConfigError("give a model folder (or an engine)")
         dirs = [model] if isinstance(model, (str, Path)) else list(model)
-        engine = build_engine(dirs, db, policy_dir=policy, seed=seed, limits=limits)
+        engine = build_engine(dirs, db, policy_dir=policy, seed=seed, limits=limits, device=device)
     eng = engine
     lim = eng.limits
     s = build_schemas(eng.text, eng.dim, lim)
@@ -135,11 +140,13 @@ def create_app(
         if exc.status == 422:
             body = validation_body([{"loc": exc.loc, "msg": exc.message, "type": "value_error"}])
             return JSONResponse(body, status_code=422)
-        return JSONResponse({"detail": exc.message}, status_code=exc.status)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 503 else None
+        return JSONResponse({"detail": exc.message}, status_code=exc.status, headers=headers)
 
-    @app.exception_handler(sqlite3.OperationalError)
-    async def _busy(request: Request, exc: sqlite3.OperationalError) -> JSONResponse:
-        return JSONResponse({"detail": f"database busy, retry later ({exc})"}, status_code=503)
+    @app.exception_handler(StoreUnavailable)
+    async def _unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
+        return JSONResponse({"detail": f"{exc}; retry later"}, status_code=503, headers=headers)
 
     bearer = HTTPBearer(auto_error=False, description="the server's --token")
 
@@ -181,10 +188,9 @@ def create_app(
         limit: Annotated[int, Query(ge=1, le=lim.max_page, description="pairs per page")] = lim.max_page,
     ) -> Any:
         """The user's stored pairs, oldest first, a page at a time."""
-        total = eng.store.count(user_id)
+        total, page = eng.store.page(user_id, after=after, limit=limit + 1)
         if not total:
             raise APIError(404, f"unknown user '{user_id}'")
-        page = eng.store.pairs(user_id, after=after, limit=limit + 1)
         more = len(page) > limit
         pairs = [{"id": p.id, "created": p.created, **p.pair} for p in page[:limit]]
         next_after = pairs[-1]["id"] if more else None
@@ -201,9 +207,12 @@ def create_app(
     # The hot endpoints answer with ready JSON: FastAPI would otherwise validate the answer again. With
     # numeric options a request is ~1 ms of CPU, so it runs on the event loop itself: handing it to the
     # threadpool cost more than the work (thread switches and GIL hand-offs; measured in bench_service).
-    # Text options may need the embedder, which can take long: those go to the threadpool.
+    # Text options may need the embedder, which can take long, and a PostgreSQL store is a network round
+    # trip that may wait for a connection: those go to the threadpool.
+    on_loop = eng.store.local and not eng.text
+
     async def _run(function: Any, *args: Any) -> Response:
-        if eng.text:
+        if not on_loop:
             return await run_in_threadpool(function, *args)
         return function(*args)
 

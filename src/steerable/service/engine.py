@@ -1,97 +1,55 @@
 """The engine of the personalization service: models, embedder, policy and store behind the routes.
 
 :class:`Engine` takes and returns plain JSON values: it turns options into vectors (text through the
-model's embedder, with :class:`TextEncoder`'s memory cache), personalises the reward models on a user's
-newest stored pairs (cached per user in an :class:`LRU` as a :class:`UserContext` until the user's pairs
-change) and on inline contexts, and scores, compares, picks the next query and generates. Problems a
-client can fix raise :class:`~steerable.service.schemas.APIError`. :func:`build_engine` loads everything
-``steerable serve`` needs (:func:`load_models`, the embedder, the policy, the store).
+model's embedder), personalises the reward models on a user's newest stored pairs and on inline contexts,
+and scores, compares, picks the next query and generates. Problems a client can fix raise
+:class:`~steerable.service.schemas.APIError`; a database that cannot answer raises
+:class:`~steerable.service.store.StoreUnavailable` (503). :func:`build_engine` loads everything
+``steerable serve`` needs (:func:`load_models`, the embedder, the policy, the store) on one torch device.
+
+Memory: one :class:`~steerable.service.caches.ByteLRU` of ``limits.max_cache_bytes`` holds the personalised
+models of users (keyed by the user and checked against the id of their newest stored pair, read from the
+store on every request, so a write through any replica is seen at once) and of inline contexts (keyed by
+the user's newest pair id and the context's content), and text embeddings. A user's pairs are read from
+the store only when their personalised model is missing, and then only their newest ``max_context``
+pairs, decoded one at a time; at most :data:`MAX_LOADS` requests read and personalise at once.
 """
 
+import dataclasses
 import hashlib
 import json
 import math
 import threading
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from steerable.errors import ConfigError, SteerableError
+from steerable.service.caches import ByteLRU, TextEncoder, nbytes, shared_storages
 from steerable.service.schemas import (
     MIN_TEMPERATURE,
     STRATEGIES,
     APIError,
-    ChatMessage,
     Limits,
     as_messages,
 )
-from steerable.service.store import PreferenceStore
+from steerable.service.store import PreferenceStore, StoredPair, open_store
 
-
-# ---- caches ---------------------------------------------------------------------------------------------
-class LRU:
-    """A small thread-safe map that forgets its least recently used entries beyond ``capacity``."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[Any, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Any) -> Any:
-        with self._lock:
-            value = self._items.get(key)
-            if value is not None:
-                self._items.move_to_end(key)
-            return value
-
-    def put(self, key: Any, value: Any) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-
-    def pop(self, key: Any) -> None:
-        with self._lock:
-            self._items.pop(key, None)
+MAX_LOADS = 4  # requests reading and personalising stored pairs at once (bounds their working memory)
 
 
 @dataclass
-class UserContext:
-    """One user's newest stored pairs as vectors and the models personalised on them."""
+class Personalized:
+    """Reward models personalised on a context of ``num_context`` pairs; ``version``: the id of the newest
+    stored pair among them (0: none)."""
 
-    version: int  # id of the newest stored pair (0: none)
-    chosen: np.ndarray  # (N, D)
-    rejected: np.ndarray  # (N, D)
-    personalized: list[Any]  # one PersonalizedRewardModel per ensemble member
-
-
-class TextEncoder:
-    """Options as conversations -> vectors through the model's embedder (disk cache) and a memory LRU."""
-
-    def __init__(self, embedder: Any, capacity: int) -> None:
-        self.embedder, self.capacity = embedder, capacity
-        self.lock = threading.Lock()
-        self.memory: OrderedDict[str, np.ndarray] = OrderedDict()
-
-    def __call__(self, conversations: list[list[ChatMessage]]) -> np.ndarray:
-        with self.lock:
-            texts = [self.embedder.render(c) for c in conversations]
-            missing = [t for t in dict.fromkeys(texts) if t not in self.memory]
-            if missing:
-                vectors = self.embedder.embed_texts(missing, progress=False)
-                for t, v in zip(missing, vectors, strict=True):
-                    self.memory[t] = v
-            for t in texts:
-                self.memory.move_to_end(t)
-            out = np.stack([self.memory[t] for t in texts]).astype(np.float32, copy=False)
-            while len(self.memory) > max(self.capacity, len(texts)):
-                self.memory.popitem(last=False)
-            return out
+    version: int
+    num_context: int
+    models: list[Any]  # one PersonalizedRewardModel per ensemble member
 
 
 class Engine:
@@ -112,17 +70,23 @@ class Engine:
         self.limits = limits or Limits()
         self.text = embedder is not None
         self.embedder = embedder
-        self.encoder = TextEncoder(embedder, self.limits.cached_texts) if embedder is not None else None
+        self.cache = ByteLRU(self.limits.max_cache_bytes)
+        self.encoder = TextEncoder(embedder, self.cache) if embedder is not None else None
         self.dim = models[0].config.input_dim
         self.seed = seed
         self.spread = has_latent_spread(models if len(models) > 1 else models[0])
         self._rng = np.random.default_rng(seed)
         self._rng_lock = threading.Lock()
         self._policy_lock = threading.Lock()
-        self._users = LRU(self.limits.cached_users)  # user id -> UserContext (checked against the store)
-        self._contexts = LRU(self.limits.cached_contexts)  # digest of a context's vectors -> personalised
-        empty = np.zeros((0, self.dim), dtype=np.float32)
-        self._prior = UserContext(0, empty, empty, [m.personalize() for m in models])
+        self._loads = threading.BoundedSemaphore(MAX_LOADS)
+        self._prior = Personalized(0, 0, [m.personalize() for m in models])
+        self._shared = shared_storages(models, lambda: [m.personalize() for m in models])
+        self._empty = np.zeros((0, self.dim), dtype=np.float32)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the models (and every tensor computed from them) live."""
+        return self.models[0].device
 
     # ---- options -> vectors ----------------------------------------------------------------------
     def vectors(self, options: list[Any], prompts: list[Any] | None = None) -> np.ndarray:
@@ -144,18 +108,37 @@ class Engine:
     def pair_vectors(self, pairs: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
         """Pairs ``{"chosen", "rejected", "prompt"?}`` -> (N, D) chosen and rejected vectors."""
         if not pairs:
-            return self._prior.chosen, self._prior.rejected
+            return self._empty, self._empty
         prompts = [p.get("prompt") for p in pairs] * 2
         both = self.vectors([p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], prompts)
         return both[: len(pairs)], both[len(pairs) :]
 
-    def option_key(self, option: Any, prompt: Any) -> str:
-        """Identity of an option: its numbers (numeric models) or its whole conversation (text)."""
-        if not self.text:
-            return json.dumps(option)
-        return json.dumps(as_messages(prompt, "user") + as_messages(option, "assistant"))
+    def stored_vectors(
+        self, stored: list[StoredPair], visit: Callable[[dict[str, Any]], None] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Stored pairs -> (N, D) chosen and rejected vectors; ``visit`` sees every decoded pair. Numeric
+        pairs are decoded one at a time into the arrays (no list of N decoded pairs is ever held)."""
+        if self.text:
+            pairs = [s.pair for s in stored]
+            if visit is not None:
+                for p in pairs:
+                    visit(p)
+            return self.pair_vectors(pairs)
+        chosen = np.empty((len(stored), self.dim), dtype=np.float32)
+        rejected = np.empty((len(stored), self.dim), dtype=np.float32)
+        for i, s in enumerate(stored):
+            p = s.pair
+            chosen[i], rejected[i] = p["chosen"], p["rejected"]
+            if visit is not None:
+                visit(p)
+        return chosen, rejected
 
-    def pair_key(self, a: Any, b: Any, prompt: Any) -> frozenset[str]:
+    def option_key(self, option: Any, prompt: Any) -> bytes:
+        """Identity of an option (a digest of its numbers, or of its whole conversation for text)."""
+        plain = option if not self.text else as_messages(prompt, "user") + as_messages(option, "assistant")
+        return hashlib.blake2b(json.dumps(plain).encode(), digest_size=16).digest()
+
+    def pair_key(self, a: Any, b: Any, prompt: Any) -> frozenset[bytes]:
         """Identity of an unordered pair (a user who answered (a, b) has answered (b, a))."""
         return frozenset((self.option_key(a, prompt), self.option_key(b, prompt)))
 
@@ -172,44 +155,59 @@ class Engine:
                 )
         return personalized
 
-    def user_context(self, user_id: str | None) -> UserContext:
-        """The user's newest stored pairs and personalised models, cached until the user's pairs change."""
+    def _keep(self, key: tuple, entry: Personalized) -> None:
+        self.cache.put(key, entry, nbytes(entry, self._shared))
+
+    def user_models(self, user_id: str | None) -> Personalized:
+        """The models personalised on the user's newest stored pairs: from the cache while the id of the
+        user's newest pair is unchanged, otherwise from the pairs read (with that id) from the store."""
         if user_id is None:
             return self._prior
         version = self.store.version(user_id)
         if version == 0:
             return self._prior
-        hit = self._users.get(user_id)
+        key = ("user", user_id)
+        hit = self.cache.get(key)
         if hit is not None and hit.version == version:
             return hit
-        stored = self.store.pairs(user_id, last=self.limits.max_context)
-        if not stored:
-            return self._prior
-        chosen, rejected = self.pair_vectors([s.pair for s in stored])
-        entry = UserContext(
-            stored[-1].id, chosen, rejected, self._personalize(chosen, rejected, ("path", "user_id"))
-        )
-        self._users.put(user_id, entry)
+        with self._loads:
+            hit = self.cache.get(key)  # loaded by a concurrent request meanwhile?
+            if hit is not None and hit.version == version:
+                return hit
+            stored = self.store.pairs(user_id, last=self.limits.max_context)
+            if not stored:  # deleted meanwhile
+                return self._prior
+            chosen, rejected = self.stored_vectors(stored)
+            models = self._personalize(chosen, rejected, ("path", "user_id"))
+        entry = Personalized(stored[-1].id, len(stored), models)
+        self._keep(key, entry)
         return entry
 
     def context(self, user_id: str | None, inline: list[dict[str, Any]] | None) -> tuple[list[Any], int]:
         """Personalised models for the stored pairs plus inline ones (newest ``max_context`` kept)."""
-        ctx = self.user_context(user_id)
         if not inline:
-            return ctx.personalized, len(ctx.chosen)
-        chosen, rejected = self.pair_vectors(inline)
-        keep = self.limits.max_context
-        chosen = np.ascontiguousarray(np.concatenate([ctx.chosen, chosen])[-keep:])
-        rejected = np.ascontiguousarray(np.concatenate([ctx.rejected, rejected])[-keep:])
-        key = hashlib.blake2b(chosen.tobytes() + rejected.tobytes(), digest_size=16).digest()
-        personalized = self._contexts.get(key)  # clients that send the same context again
-        if personalized is None:
-            personalized = self._personalize(chosen, rejected, ("body", "context"))
-            self._contexts.put(key, personalized)
-        return personalized, len(chosen)
+            entry = self.user_models(user_id)
+            return entry.models, entry.num_context
+        inline_chosen, inline_rejected = self.pair_vectors(inline)
+        need = self.limits.max_context - len(inline)  # stored pairs that stay among the newest
+        digest = hashlib.blake2b(inline_chosen.tobytes() + inline_rejected.tobytes(), digest_size=16)
+        version = self.store.version(user_id) if user_id is not None and need > 0 else 0
+        hit = self.cache.get(("context", user_id if version else None, version, digest.digest()))
+        if hit is not None:  # clients that send the same context again
+            return hit.models, hit.num_context
+        with self._loads:
+            stored = self.store.pairs(user_id, last=need) if version else []
+            stored_chosen, stored_rejected = self.stored_vectors(stored)
+            chosen = np.ascontiguousarray(np.concatenate([stored_chosen, inline_chosen]))
+            rejected = np.ascontiguousarray(np.concatenate([stored_rejected, inline_rejected]))
+            models = self._personalize(chosen, rejected, ("body", "context"))
+        version = stored[-1].id if stored else 0
+        entry = Personalized(version, len(chosen), models)
+        self._keep(("context", user_id if version else None, version, digest.digest()), entry)
+        return entry.models, entry.num_context
 
     def forget(self, user_id: str) -> int:
-        self._users.pop(user_id)
+        self.cache.pop(("user", user_id))
         return self.store.delete_user(user_id)
 
     # ---- predictions -----------------------------------------------------------------------------------
@@ -241,6 +239,8 @@ class Engine:
     def next_query(
         self, user_id: str, candidates: list[dict[str, Any]], strategy: str, seed: int | None
     ) -> dict[str, Any]:
+        """The candidate to ask next, given the user's newest ``max_context`` stored pairs (candidates
+        among those already answered are excluded)."""
         from steerable.active import select_next
 
         if strategy == "info-gain" and not self.spread:
@@ -251,20 +251,23 @@ class Engine:
                 f"'uncertainty' or 'random'.",
                 ("body", "strategy"),
             )
-        stored = (s.pair for s in self.store.pairs(user_id))
-        answered = {self.pair_key(p["chosen"], p["rejected"], p.get("prompt")) for p in stored}
+        answered: set[frozenset[bytes]] = set()
+        with self._loads:
+            stored = self.store.pairs(user_id, last=self.limits.max_context)
+            chosen, rejected = self.stored_vectors(
+                stored, lambda p: answered.add(self.pair_key(p["chosen"], p["rejected"], p.get("prompt")))
+            )
         keys = [self.pair_key(c["a"], c["b"], c.get("prompt")) for c in candidates]
         excluded = [i for i, key in enumerate(keys) if key in answered]
         if len(excluded) == len(candidates):
             raise APIError(422, "the user has already answered every candidate pair", ("body", "candidates"))
-        ctx = self.user_context(user_id)
         prompts = [c.get("prompt") for c in candidates]
         a = self.vectors([c["a"] for c in candidates], prompts)
         b = self.vectors([c["b"] for c in candidates], prompts)
         if seed is None:
             with self._rng_lock:
                 seed = int(self._rng.integers(2**63 - 1))
-        has_context = len(ctx.chosen) > 0
+        has_context = len(chosen) > 0
         try:
             query = select_next(
                 self.models if len(self.models) > 1 else self.models[0],
@@ -272,8 +275,8 @@ class Engine:
                 b,
                 strategy=strategy,
                 rng=seed,
-                context_chosen=ctx.chosen if has_context else None,
-                context_rejected=ctx.rejected if has_context else None,
+                context_chosen=chosen if has_context else None,
+                context_rejected=rejected if has_context else None,
                 exclude=excluded,
             )
         except ConfigError as exc:
@@ -290,13 +293,14 @@ class Engine:
             "score": query.score,
             "scores": scores,
             "excluded": excluded,
-            "num_context": len(ctx.chosen),
+            "num_context": len(chosen),
         }
 
     def generate(self, user_id: str, prompts: list[Any], sampling: dict[str, Any]) -> tuple[list[str], int]:
         if self.policy is None:
             raise APIError(409, "no policy loaded: start the server with --policy DIR to generate")
-        stored = [s.pair for s in self.store.pairs(user_id, last=self.limits.max_context)]
+        with self._loads:
+            stored = [s.pair for s in self.store.pairs(user_id, last=self.limits.max_context)]
         context = [{k: p[k] for k in ("prompt", "chosen", "rejected") if k in p} for p in stored]
         if sampling.get("seed") is None:
             sampling["seed"] = self.seed
@@ -321,6 +325,9 @@ class Engine:
             "embedder": self.embedder.config.model if self.embedder is not None else None,
             "policy_loaded": self.policy is not None,
             "strategies": [s for s in STRATEGIES if s != "info-gain" or self.spread],
+            "store": self.store.kind,
+            "device": str(self.device),
+            "cache": self.cache.stats(),
         }
 
     def close(self) -> None:
@@ -328,8 +335,28 @@ class Engine:
 
 
 # ---- loading ---------------------------------------------------------------------------------------------
-def load_models(model_dirs: Sequence[str | Path]) -> tuple[list[Any], Any]:
-    """Reward models (safetensors) and the embedder their folders record; one line per problem."""
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU) or a torch device name, checked to be usable."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device: unknown device {name!r} (e.g. cpu, cuda, cuda:1, mps, auto)") from None
+    if device.type == "cuda" and (
+        not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()
+    ):
+        raise ConfigError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} found)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS is not available here")
+    return device
+
+
+def load_models(
+    model_dirs: Sequence[str | Path], device: str | torch.device = "cpu"
+) -> tuple[list[Any], Any]:
+    """Reward models (safetensors) on ``device`` and the embedder their folders record; one line per
+    problem."""
     from steerable.models.registry import load_reward_model
     from steerable.text.embedder import load_embedder_config
 
@@ -340,7 +367,7 @@ def load_models(model_dirs: Sequence[str | Path]) -> tuple[list[Any], Any]:
         if not Path(directory).is_dir():
             raise ConfigError(f"{directory}: no such model folder")
         try:
-            models.append(load_reward_model(directory))
+            models.append(load_reward_model(directory, device=device))
             embedders.append(load_embedder_config(directory))
         except SteerableError:
             raise
@@ -376,12 +403,20 @@ def build_engine(
     policy_dir: str | Path | None = None,
     seed: int = 0,
     limits: Limits | None = None,
+    device: str = "cpu",
+    pool_size: int = 10,
+    db_timeout: float = 5.0,
 ) -> Engine:
-    """Load everything ``steerable serve`` needs; configuration problems raise :class:`SteerableError`."""
+    """Load everything ``steerable serve`` needs on ``device`` (models, embedder, policy) and open the
+    store (``db``: an SQLite file or a ``postgresql://`` URL); configuration problems raise
+    :class:`SteerableError`."""
     limits = limits or Limits()
-    models, embedder_config = load_models(model_dirs)
+    where = resolve_device(device)
+    models, embedder_config = load_models(model_dirs, where)
     dim = models[0].config.input_dim
-    embedder = _make_embedder(embedder_config, dim) if embedder_config is not None else None
+    embedder = None
+    if embedder_config is not None:
+        embedder = _make_embedder(dataclasses.replace(embedder_config, device=str(where)), dim)
     policy = None
     if policy_dir is not None:
         if embedder is None:
@@ -394,12 +429,12 @@ def build_engine(
         if not Path(policy_dir).is_dir():
             raise ConfigError(f"{policy_dir}: no such policy folder")
         try:
-            policy = load_policy(policy_dir)
+            policy = load_policy(policy_dir, device=str(where))
         except SteerableError:
             raise
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise ConfigError(f"{policy_dir}: cannot load the policy ({exc})") from None
-    store = PreferenceStore(db, max_pairs_per_user=limits.max_pairs_per_user)
+    store = open_store(db, limits.max_pairs_per_user, pool_size=pool_size, timeout=db_timeout)
     kind = "text" if embedder_config is not None else f"numeric:{dim}"  # text pairs suit any text model
     try:
         store.ensure_meta("options", kind, " (start the server with another --db)")

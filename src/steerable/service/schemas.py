@@ -40,9 +40,7 @@ class Limits:
     max_new_tokens: int = 1024
     max_body_bytes: int = 32 * 2**20
     max_page: int = 1000  # pairs per GET /v1/users/{user_id} answer
-    cached_users: int = 4096  # users' personalised models kept in memory (least recently used evicted)
-    cached_contexts: int = 4096  # personalised models of inline contexts kept in memory
-    cached_texts: int = 50_000  # text embeddings kept in memory
+    max_cache_bytes: int = 1024 * 2**20  # personalised models and text embeddings kept in memory (LRU)
 
 
 # ---- errors -------------------------------------------------------------------------------------------
@@ -173,6 +171,11 @@ class HealthOut(BaseModel):
     auth_required: bool
     strategies: list[str] = Field(description="next-query strategies this model supports")
     limits: dict[str, int]
+    store: Literal["sqlite", "postgresql"] = Field(description="where users' pairs are stored")
+    device: str = Field(description="the torch device of the models")
+    cache: dict[str, int] = Field(
+        description="the memory cache: max_bytes, bytes, entries, hits, misses, evictions"
+    )
 
 
 def _is_messages(value: Any) -> bool:

@@ -1,116 +1,141 @@
-"""SQLite storage of users' preference pairs for the personalization service.
+"""Storage of users' preference pairs for the personalization service: the interface and :func:`open_store`.
 
-One table: every pair is a row ``(id, user_id, pair, created)`` with an autoincrement id (never reused, so
-a user's largest id identifies the current state of their pairs), the pair as JSON text and its creation
-time (seconds since the epoch). A user exists while they have at least one pair. The database runs in WAL
-mode; each thread gets its own connection, every write is one ``BEGIN IMMEDIATE`` transaction (concurrent
-writers wait for each other, up to ``timeout`` seconds), and readers never block writers.
+Two back ends keep the same semantics (:mod:`steerable.service.store_sqlite`, the embedded default, and
+:mod:`steerable.service.store_postgres`, shared by several replicas):
+
+* every pair is a row ``(id, user_id, pair, created)``: the pair as JSON text, its creation time (seconds
+  since the epoch) and an id that increases and is never reused, not even after a user is deleted;
+* a batch of pairs is one transaction, and a call that adds pairs returns only after its commit;
+* one user's writes are serialised, so their pairs become visible in id order: the id of a user's newest
+  pair (:meth:`PreferenceStore.version`) identifies the state of their pairs, and paging with ``after``
+  never skips a pair that commits later;
+* the kind of option a database holds is recorded (:meth:`PreferenceStore.ensure_meta`), and a server
+  for another kind is refused;
+* a database that is unreachable, restarting or too busy raises :class:`StoreUnavailable` (the service
+  answers 503 and the client retries); the store reconnects by itself when the database is back.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
-import time
-from collections.abc import Callable
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-from steerable.errors import ConfigError, SteerableError
+from steerable.errors import SteerableError
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS pairs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    user_id TEXT NOT NULL,
-    pair TEXT NOT NULL,
-    created REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS pairs_by_user ON pairs (user_id, id);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
-T = TypeVar("T")
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 @dataclass(frozen=True)
 class StoredPair:
-    """One stored pair: its id, the pair as it was given (a dict), and when it was stored."""
+    """One stored pair: its id, the pair as JSON text (``raw``) and when it was stored.
+
+    :attr:`pair` decodes ``raw`` on every access, so a list of stored pairs holds only their text."""
 
     id: int
-    pair: dict[str, Any]
+    raw: str
     created: float
+
+    @property
+    def pair(self) -> dict[str, Any]:
+        """The pair as it was given: ``{"chosen", "rejected", "prompt"?}``."""
+        return json.loads(self.raw)
 
 
 class TooManyPairs(SteerableError):
     """A write would take a user past the per-user limit (nothing was written)."""
 
 
-class PreferenceStore:
-    """Users' preference pairs in one SQLite file (see the module docstring). Thread-safe."""
+class StoreUnavailable(SteerableError):
+    """The database cannot answer now (down, restarting, busy or locked); retry later. Nothing of the
+    failed call is acknowledged: a write either committed before the failure or not at all."""
 
-    def __init__(
-        self,
-        path: str | Path,
-        timeout: float = 30.0,
-        synchronous: str = "FULL",
-        max_pairs_per_user: int | None = None,
-    ) -> None:
-        if str(path) == ":memory:" or str(path).startswith("file:"):
-            raise ConfigError("the preference store needs a database file path (not :memory: or a URI)")
-        self.path = Path(path)
-        self.timeout = timeout
-        self.synchronous = synchronous
+
+def encode_pair(pair: dict[str, Any]) -> str:
+    """A pair as the compact JSON text that is stored."""
+    return json.dumps(pair, separators=(",", ":"), allow_nan=False)
+
+
+def check_limit(user_id: str, before: int, adding: int, limit: int | None) -> None:
+    """Raise :class:`TooManyPairs` when ``adding`` pairs would take the user past ``limit``."""
+    if limit is not None and before + adding > limit:
+        raise TooManyPairs(
+            f"user '{user_id}' has {before} pairs; adding {adding} would exceed the limit of {limit} "
+            f"pairs per user"
+        )
+
+
+def is_postgres_url(db: str | Path) -> bool:
+    return isinstance(db, str) and db.startswith(POSTGRES_SCHEMES)
+
+
+def describe_db(db: str | Path) -> str:
+    """The database for messages: a path, or a URL with its password hidden."""
+    if not is_postgres_url(db):
+        return str(db)
+    parts = urlsplit(str(db))
+    if parts.password is None:
+        return str(db)
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class PreferenceStore(ABC):
+    """Users' preference pairs (see the module docstring). Thread-safe; close it when done."""
+
+    kind: str  # "sqlite" or "postgresql"
+    local: bool  # True: calls are quick local reads that may run on an event loop
+
+    def __init__(self, max_pairs_per_user: int | None = None) -> None:
         self.max_pairs_per_user = max_pairs_per_user
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        self._write_lock = threading.Lock()
-        self._closed = False
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            conn = self._conn()
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(SCHEMA)
-        except (sqlite3.Error, OSError) as exc:
-            raise SteerableError(f"{self.path}: cannot open the preference database ({exc})") from None
 
-    # ---- connections -------------------------------------------------------------------------------
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            if self._closed:
-                raise SteerableError(f"{self.path}: the preference store is closed")
-            conn = sqlite3.connect(
-                self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
-            )
-            conn.execute(f"PRAGMA synchronous={self.synchronous}")
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
-        return conn
+    # ---- writes ------------------------------------------------------------------------------------
+    @abstractmethod
+    def ensure_meta(self, key: str, value: str, explain: str = "") -> None:
+        """Record ``key = value`` on first use; afterwards refuse a different value (a database written
+        for one kind of option must not be read with another)."""
 
-    def _write(self, steps: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``steps(conn)`` inside one ``BEGIN IMMEDIATE`` transaction; roll back on any error."""
-        conn = self._conn()
-        with self._write_lock:  # this process's writers queue here, not in SQLite's sleeping busy handler
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = steps(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        return result
+    @abstractmethod
+    def add_pairs(self, user_id: str, pairs: list[dict[str, Any]]) -> int:
+        """Append ``pairs`` to ``user_id`` in one transaction; returns the user's number of pairs after
+        (once committed)."""
 
+    @abstractmethod
+    def delete_user(self, user_id: str) -> int:
+        """Forget the user; returns how many pairs were deleted (0: unknown user)."""
+
+    # ---- reads -------------------------------------------------------------------------------------
+    @abstractmethod
+    def pairs(
+        self, user_id: str, last: int | None = None, after: int = 0, limit: int | None = None
+    ) -> list[StoredPair]:
+        """The user's pairs, oldest first (empty for an unknown user): those with an id above ``after``,
+        at most ``limit`` of them, or only the newest ``last`` (read in one statement: the last one's
+        id is the version they are)."""
+
+    @abstractmethod
+    def version(self, user_id: str) -> int:
+        """The id of the user's newest pair (0 for an unknown user): it changes with every write."""
+
+    @abstractmethod
+    def count(self, user_id: str) -> int:
+        """How many pairs the user has."""
+
+    def page(self, user_id: str, after: int = 0, limit: int | None = None) -> tuple[int, list[StoredPair]]:
+        """(the user's number of pairs, their pairs with an id above ``after``, at most ``limit``)."""
+        return self.count(user_id), self.pairs(user_id, after=after, limit=limit)
+
+    @abstractmethod
+    def num_users(self) -> int:
+        """How many users have at least one pair."""
+
+    # ---- lifetime ----------------------------------------------------------------------------------
+    @abstractmethod
     def close(self) -> None:
-        """Close every thread's connection (the store cannot be used afterwards)."""
-        with self._lock:
-            self._closed = True
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            conn.close()
+        """Release connections (the store cannot be used afterwards)."""
 
     def __enter__(self) -> PreferenceStore:
         return self
@@ -118,77 +143,21 @@ class PreferenceStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ---- metadata ----------------------------------------------------------------------------------
-    def ensure_meta(self, key: str, value: str, explain: str = "") -> None:
-        """Record ``key = value`` on first use; afterwards refuse a different value (a database written
-        for one kind of option must not be read with another)."""
 
-        def steps(conn: sqlite3.Connection) -> str | None:
-            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-            if row is None:
-                conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
-                return None
-            return row[0]
+def open_store(
+    db: str | Path,
+    max_pairs_per_user: int | None = None,
+    pool_size: int = 10,
+    timeout: float = 5.0,
+) -> PreferenceStore:
+    """A PostgreSQL store for a ``postgresql://`` URL (``pool_size`` connections; a request waits up to
+    ``timeout`` seconds for one), otherwise an SQLite store in the file ``db``."""
+    if is_postgres_url(db):
+        from steerable.service.store_postgres import PostgresStore
 
-        stored = self._write(steps)
-        if stored is not None and stored != value:
-            raise ConfigError(f"{self.path}: holds {key} '{stored}', but this server uses '{value}'{explain}")
-
-    # ---- pairs -------------------------------------------------------------------------------------
-    def add_pairs(self, user_id: str, pairs: list[dict[str, Any]]) -> int:
-        """Append ``pairs`` to ``user_id`` in one transaction; returns the user's number of pairs after."""
-        rows = [json.dumps(p, separators=(",", ":"), allow_nan=False) for p in pairs]
-        now = time.time()
-
-        def steps(conn: sqlite3.Connection) -> int:
-            (before,) = conn.execute("SELECT COUNT(*) FROM pairs WHERE user_id = ?", (user_id,)).fetchone()
-            limit = self.max_pairs_per_user
-            if limit is not None and before + len(rows) > limit:
-                raise TooManyPairs(
-                    f"user '{user_id}' has {before} pairs; adding {len(rows)} would exceed the limit of "
-                    f"{limit} pairs per user"
-                )
-            conn.executemany(
-                "INSERT INTO pairs (user_id, pair, created) VALUES (?, ?, ?)",
-                [(user_id, r, now) for r in rows],
-            )
-            return before + len(rows)
-
-        return self._write(steps)
-
-    def pairs(
-        self, user_id: str, last: int | None = None, after: int = 0, limit: int | None = None
-    ) -> list[StoredPair]:
-        """The user's pairs, oldest first (empty for an unknown user): those with an id above ``after``,
-        at most ``limit`` of them, or only the newest ``last``."""
-        if last is not None:
-            sql = (
-                "SELECT * FROM (SELECT id, pair, created FROM pairs WHERE user_id = ? ORDER BY id DESC "
-                "LIMIT ?) ORDER BY id"
-            )
-            args: tuple = (user_id, last)
-        else:
-            sql = "SELECT id, pair, created FROM pairs WHERE user_id = ? AND id > ? ORDER BY id LIMIT ?"
-            args = (user_id, after, -1 if limit is None else limit)
-        rows = self._conn().execute(sql, args).fetchall()
-        return [StoredPair(i, json.loads(p), c) for i, p, c in rows]
-
-    def version(self, user_id: str) -> int:
-        """The id of the user's newest pair (0 for an unknown user): it changes with every write."""
-        (last,) = self._conn().execute("SELECT MAX(id) FROM pairs WHERE user_id = ?", (user_id,)).fetchone()
-        return int(last or 0)
-
-    def count(self, user_id: str) -> int:
-        """How many pairs the user has."""
-        (n,) = self._conn().execute("SELECT COUNT(*) FROM pairs WHERE user_id = ?", (user_id,)).fetchone()
-        return int(n)
-
-    def delete_user(self, user_id: str) -> int:
-        """Forget the user; returns how many pairs were deleted (0: unknown user)."""
-        return self._write(
-            lambda conn: conn.execute("DELETE FROM pairs WHERE user_id = ?", (user_id,)).rowcount
+        return PostgresStore(
+            str(db), max_pairs_per_user=max_pairs_per_user, pool_size=pool_size, timeout=timeout
         )
+    from steerable.service.store_sqlite import SQLiteStore
 
-    def num_users(self) -> int:
-        (n,) = self._conn().execute("SELECT COUNT(DISTINCT user_id) FROM pairs").fetchone()
-        return int(n)
+    return SQLiteStore(db, max_pairs_per_user=max_pairs_per_user)
