@@ -3,7 +3,8 @@ a loopback port, stopped and removed after the tests) and a fresh database per t
 
 Without PostgreSQL's server binaries the tests that use them are skipped with a one-line reason (``make
 test`` installs Debian's ``postgresql`` package first when it can). Import the fixtures into a test
-module: ``from pgfixture import pg_cluster, pg_url  # noqa: F401``.
+module: ``from pgfixture import pg_cluster_fixture, pg_url_fixture  # noqa: F401`` (registered under
+the names ``pg_cluster`` and ``pg_url``).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ def require_postgres() -> None:
         pytest.skip(NO_POSTGRES)
 
 
-@pytest.fixture(scope="session")
-def pg_cluster():
+@pytest.fixture(scope="session", name="pg_cluster")
+def pg_cluster_fixture():
     """A running throw-away PostgreSQL server for the whole session."""
     require_postgres()
     cluster = TempCluster()
@@ -39,7 +40,7 @@ def pg_cluster():
         cluster.remove()
 
 
-@pytest.fixture
-def pg_url(pg_cluster) -> str:
+@pytest.fixture(name="pg_url")
+def pg_url_fixture(pg_cluster) -> str:
     """The URL of a new, empty database on the session's server."""
     return pg_cluster.create_database(f"test_{next(_names)}")

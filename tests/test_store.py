@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pgfixture import pg_cluster, pg_url, require_postgres  # noqa: F401
+from pgfixture import pg_cluster_fixture, pg_url_fixture, require_postgres  # noqa: F401
 from steerable.errors import ConfigError
 from steerable.service.pgcluster import TempCluster
 from steerable.service.store import StoreUnavailable, TooManyPairs, describe_db, open_store

@@ -133,11 +133,16 @@ def nbytes(value: Any, shared: set[int] = frozenset(), seen: set[int] | None = N
             return sys.getsizeof(value)
         seen.add(pointer)
         return sys.getsizeof(value) + size
-    if isinstance(value, np.ndarray):
-        base = value if value.base is None else value.base
-        extra = 0 if id(base) in seen else (base.nbytes if isinstance(base, np.ndarray) else value.nbytes)
-        seen.add(id(base))
-        return sys.getsizeof(value) - (value.nbytes if value.base is None else 0) + extra
+    if isinstance(value, np.ndarray):  # its header, and the buffer of the array owning its data (once)
+        header = sys.getsizeof(value) - (value.nbytes if value.base is None else 0)
+        owner = value
+        while isinstance(owner.base, np.ndarray):
+            owner = owner.base
+        pointer = owner.__array_interface__["data"][0]
+        if pointer in seen:
+            return header
+        seen.add(pointer)
+        return header + owner.nbytes
     size = sys.getsizeof(value)
     if isinstance(value, dict):
         return size + sum(nbytes(k, shared, seen) + nbytes(v, shared, seen) for k, v in value.items())
