@@ -155,7 +155,9 @@ def _add_embedder_arguments(p: argparse.ArgumentParser) -> None:
         help="texts over the limit: average over windows (default) or cut",
     )
     g.add_argument(
-        "--cache-dir", default=None, help="embedding cache (default: $STEERABLE_CACHE or ~/.cache/steerable)"
+        "--cache-dir",
+        default=None,
+        help="cache root: embeddings, policy prefix states (default: $STEERABLE_CACHE or ~/.cache/steerable)",
     )
 
 
@@ -236,13 +238,19 @@ def _run_train(args: argparse.Namespace) -> int:
     val = _load_vectors(args.val, args) if args.val else None
     if val is not None and val.dim != train.dim:
         raise ConfigError(f"{args.val}: options have {val.dim} values but {args.data} has {train.dim}")
+    from steerable.utils.distributed import is_main_process
+
     model_config = config_from_args(RewardModelConfig, args, input_dim=train.dim)
     train_config = config_from_args(TrainConfig, args)
-    print(f"train: {train.summary()}")
-    if val is not None:
-        print(f"val:   {val.summary()}")
+    main = is_main_process()  # under torchrun / accelerate launch, only the main process writes and prints
+    if main:
+        print(f"train: {train.summary()}")
+        if val is not None:
+            print(f"val:   {val.summary()}")
     model = build_reward_model(model_config, seed=train_config.seed)
     result = train_reward_model(model, train, val, train_config, out_dir=args.out, overwrite=args.overwrite)
+    if not main:
+        return 0
     if result.resumed_from:
         print(f"resumed from step {result.resumed_from}")
     if getattr(args, "used_embedder", None) is not None:  # the model reads text through this embedder

@@ -22,8 +22,13 @@ def add_train_policy_arguments(p: argparse.ArgumentParser, add_embedder_argument
     p.add_argument("--model", dest="policy_kind", default="np-dpo", choices=["np-dpo", "btl-dpo"])
     p.add_argument("--out", type=Path, required=True, help="output folder (policy weights, metrics.csv)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
-    add_config_arguments(p.add_argument_group("policy"), PolicyConfig, skip=("conditional", "input_dim"))
-    add_config_arguments(p.add_argument_group("training"), PolicyTrainConfig)
+    add_config_arguments(
+        p.add_argument_group("policy"),
+        PolicyConfig,
+        skip=("conditional", "input_dim", "max_length", "max_prompt_length"),
+    )
+    # --cache-dir (the embedder's) is the one cache root, for the prefix cache too
+    add_config_arguments(p.add_argument_group("training"), PolicyTrainConfig, skip=("cache_dir",))
     add_embedder_arguments(p)
     p.set_defaults(run=_run_train_policy)
 
@@ -36,7 +41,19 @@ def add_evaluate_policy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--targets", type=int, default=8, help="scored pairs per task (default: 8)")
     p.add_argument("--tasks", type=int, default=128, help="tasks per N^C (default: 128)")
     p.add_argument("--beta", type=float, default=0.05, help="DPO β of the implicit reward (default: 0.05)")
-    p.add_argument("--max-length", type=int, default=256, help="tokens per prompt + response (default: 256)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens per prompt + response (default: the policy's training limits)",
+    )
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")
+    p.add_argument(
+        "--mixed-precision",
+        default="no",
+        choices=["no", "bf16", "fp16"],
+        help="autocast of the policy and its reference alike (default: no)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.set_defaults(run=_run_evaluate_policy)
@@ -56,6 +73,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.7, help="0: greedy (default: 0.7)")
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt (default: 1)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object per sample")
     p.set_defaults(run=_run_generate)
@@ -116,16 +134,27 @@ def _run_train_policy(args: argparse.Namespace) -> int:
     )
     import torch
 
+    from steerable.utils.distributed import is_main_process, uses_cpu
+
+    main = is_main_process()
     torch.manual_seed(train_config.seed)
     base, tokenizer = load_base_model(policy_config.base_model, policy_config.dtype)
     policy = ConditionalPolicy(policy_config, base, tokenizer)
     encoder = PolicyTokenizer(tokenizer, train_config.max_length, train_config.max_prompt_length)
     tokens = encoder.pairs(data)
-    print(
-        f"train: {data.num_pairs} pairs; {tokens.truncated} sequences cut to fit "
-        f"{train_config.max_length} tokens"
-    )
+    if main:
+        print(
+            f"train: {data.num_pairs} pairs; {tokens.truncated} sequences cut to fit "
+            f"{train_config.max_length} tokens"
+        )
+        if uses_cpu(train_config.device) and policy.prefix_blocks == 0 and len(policy.block_index) > 4:
+            print(
+                "tip: on a CPU, --blocks last:4 trains only the last 4 blocks from cached hidden states, "
+                "several times faster per pair (README: NP-DPO on a CPU)"
+            )
     summary = train_policy(policy, tokens, vectors, train_config, args.out)
+    if not main:
+        return 0
     if embedder is not None:
         save_embedder_config(embedder.config, args.out)
     final = summary["final"]
@@ -143,12 +172,15 @@ def _run_evaluate_policy(args: argparse.Namespace) -> int:
     from steerable.data.schema import PreferenceData
     from steerable.policy.evaluation import PolicyEvaluator
     from steerable.policy.generation import load_policy
+    from steerable.policy.sequences import autocast_context
     from steerable.policy.tokens import PolicyTokenizer
     from steerable.text.embedder import embed_preferences
+    from steerable.utils.distributed import process_state, resolve_precision
     from steerable.utils.files import write_json_atomic
 
     sizes = sorted({int(x) for x in args.context_sizes.split(",")})
-    steered = load_policy(args.model_dir)
+    device = process_state(args.device).device
+    steered = load_policy(args.model_dir, device=device)
     data = _text_data(args.data)
     if steered.embedder is not None:
         vectors = embed_preferences(data, steered.embedder)
@@ -158,11 +190,23 @@ def _run_evaluate_policy(args: argparse.Namespace) -> int:
             user_ids=data.user_ids, chosen=zeros, rejected=zeros, hidden_mode=data.hidden_mode
         )
         sizes = [0]
-    tok = PolicyTokenizer(steered.policy.tokenizer, args.max_length, max(8, args.max_length // 2))
-    evaluator = PolicyEvaluator(steered.policy, tok.pairs(data), vectors, args.beta)
+    config = steered.policy.config
+    max_length = args.max_length or config.max_length or 256
+    prompt_length = config.max_prompt_length if 0 < config.max_prompt_length < max_length else max_length // 2
+    tok = PolicyTokenizer(steered.policy.tokenizer, max_length, prompt_length)
+    precision = resolve_precision(args.mixed_precision, device)
+    autocast = autocast_context(device, precision)
+    evaluator = PolicyEvaluator(steered.policy, tok.pairs(data), vectors, args.beta, autocast=autocast)
     tasks = evaluator.tasks(sizes, args.tasks, args.targets, args.seed)
-    accuracy = evaluator.accuracy_by_mode(tasks)
-    result = {"accuracy": accuracy.pop("all"), "accuracy_by_mode": accuracy}
+    table = evaluator.accuracy_table(tasks)
+    overall = table.pop("all")
+    result = {
+        "accuracy": {nc: v["accuracy"] for nc, v in overall.items()},
+        "stderr": {nc: v["stderr"] for nc, v in overall.items()},
+        "accuracy_by_mode": {m: {nc: v["accuracy"] for nc, v in row.items()} for m, row in table.items()},
+        "stderr_by_mode": {m: {nc: v["stderr"] for nc, v in row.items()} for m, row in table.items()},
+        "mixed_precision": precision,
+    }
     if steered.policy.hooks is not None and max(sizes) > 0:
         result["label_swap_flip_rate"] = evaluator.label_swap_flip_rate(tasks[max(sizes)])
     print(json.dumps(result, indent=2))
@@ -182,7 +226,9 @@ def _run_generate(args: argparse.Namespace) -> int:
         context = [
             {"prompt": data.prompts[i], "chosen": data.chosen[i], "rejected": data.rejected[i]} for i in rows
         ]
-    steered = load_policy(args.model_dir)
+    from steerable.utils.distributed import process_state
+
+    steered = load_policy(args.model_dir, device=process_state(args.device).device)
     z = steered.user_embedding(context or [])
     prompts = [p for p in args.prompt for _ in range(args.num_samples)]
     texts = steered.generate_from_embedding(

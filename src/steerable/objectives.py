@@ -7,10 +7,21 @@ Shapes: rewards and log-probabilities are (B, N) for B tasks and N pairs unless 
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+def prediction_hits(log_odds: Any) -> Any:
+    """Credit of each prediction of a recorded choice from its log-odds (or implicit-reward margin):
+    1 when > 0, ½ when exactly 0 (a tie is a coin flip), 0 when < 0. Tensors or numpy arrays; float64."""
+    if isinstance(log_odds, Tensor):
+        return (log_odds > 0).double() + 0.5 * (log_odds == 0).double()
+    log_odds = np.asarray(log_odds)
+    return (log_odds > 0).astype(np.float64) + 0.5 * (log_odds == 0)
 
 
 def btl_log_prob(reward_chosen: Tensor, reward_rejected: Tensor) -> Tensor:

@@ -28,8 +28,16 @@ from steerable.data.sampler import TaskBatch, TaskSampler
 from steerable.data.schema import PreferenceData
 from steerable.errors import ConfigError
 from steerable.models.base import CONFIG_NAME, WEIGHTS_NAME, RewardModel
-from steerable.objectives import preference_loss
+from steerable.objectives import prediction_hits, preference_loss
 from steerable.utils.config import config_to_dict, option
+from steerable.utils.distributed import (
+    DEVICES,
+    gather_rng_states,
+    make_accelerator,
+    rank_seed,
+    restore_rng_states,
+    rng_states,
+)
 from steerable.utils.files import write_json_atomic
 
 METRIC_COLUMNS = [
@@ -49,7 +57,7 @@ class TrainConfig:
     """How to train a reward model. Defaults reach the paper's accuracy on its studies unchanged."""
 
     max_steps: int = option(2000, "optimisation steps (batches of tasks)")
-    batch_size: int = option(64, "tasks per batch (paper: 64)")
+    batch_size: int = option(64, "tasks per step over all processes (paper: 64)")
     min_context: int = option(0, "fewest context pairs per task, N^C min (paper: 0)")
     max_context: int = option(10, "most context pairs per task, N^C max (paper: 10)")
     num_targets: int = option(20, "target pairs per task N^T, context included (paper: 20)")
@@ -70,7 +78,11 @@ class TrainConfig:
         0.1, "share of training users held out for validation when no validation data is given"
     )
     seed: int = option(0, "seed of initialisation, task sampling and dropout")
-    device: str = option("cpu", "torch device, e.g. cpu or cuda")
+    device: str = option(
+        "auto",
+        "auto (a GPU when there is one), cpu or cuda (under a launcher: each process's own GPU)",
+        choices=list(DEVICES),
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "num_targets", "eval_every", "val_tasks"):
@@ -113,7 +125,7 @@ def validation_metrics(model: RewardModel, batches: list[TaskBatch]) -> dict[str
         mask = batch.scored_mask
         n = float(mask.sum())
         nll += float(preference_loss(out.log_prob_chosen, mask)) * n
-        hits = float(((out.log_odds > 0).float() + 0.5 * (out.log_odds == 0).float())[mask].sum())
+        hits = float(prediction_hits(out.log_odds)[mask].sum())
         correct += hits
         count += n
         stats = by_context.setdefault(batch.num_context, [0.0, 0.0])
@@ -135,7 +147,7 @@ def _validation_batches(val_data: PreferenceData, config: TrainConfig) -> list[T
     sizes = list(range(config.min_context, config.max_context + 1))
     per_size = math.ceil(config.val_tasks / len(sizes))
     batches = [b for nc, group in sampler.fixed_tasks(sizes, per_size, batch_size=256).items() for b in group]
-    return [b.to(config.device) for b in batches]
+    return batches
 
 
 def learning_rate_schedule(config: TrainConfig) -> Callable[[int], float]:
@@ -207,24 +219,42 @@ def _fmt(value: float) -> str:
 
 
 def _run_description(
-    model: RewardModel, config: TrainConfig, train: PreferenceData, val: PreferenceData
+    model: RewardModel, config: TrainConfig, train: PreferenceData, val: PreferenceData, processes: int
 ) -> dict[str, Any]:
     from steerable import __version__
 
     return {
         "steerable_version": __version__,
+        "num_processes": processes,
         "train": config_to_dict(config),
         "model": config_to_dict(model.config),
         "data": {
             "train": train.source,
             "train_summary": train.summary(),
+            "train_fingerprint": train.fingerprint(),
             "val": val.source,
             "val_summary": val.summary(),
+            "val_fingerprint": val.fingerprint(),
         },
     }
 
 
 def _check_same_run(previous: dict[str, Any], current: dict[str, Any], out_dir: Path) -> None:
+    """Refuse to resume a checkpoint of other settings, other data or another number of processes."""
+    advice = "pass --overwrite to start afresh, or choose another --out"
+    old_world, world = previous.get("num_processes", 1), current["num_processes"]
+    if old_world != world:
+        raise ConfigError(
+            f"{out_dir} holds a run with {old_world} process(es), now {world}: resume it with the same "
+            f"number of processes, or {advice}"
+        )
+    for key in ("train_fingerprint", "val_fingerprint"):
+        old, new = previous.get("data", {}).get(key), current["data"][key]
+        if old is not None and old != new:
+            split = key.split("_")[0]
+            raise ConfigError(
+                f"{out_dir} holds a run trained on other {split} data ({old} rows:hash, now {new}); {advice}"
+            )
     for section in ("train", "model"):
         for key, value in current[section].items():
             old = previous.get(section, {}).get(key)
@@ -233,6 +263,22 @@ def _check_same_run(previous: dict[str, Any], current: dict[str, Any], out_dir: 
                     f"{out_dir} holds a run with {section} setting {key}={old!r} (now {value!r}); "
                     "pass --overwrite to start afresh, or choose another --out"
                 )
+
+
+class PreferenceObjective(torch.nn.Module):
+    """A reward model's training loss as a module: ``objective(batch)`` -> scalar loss.
+
+    DDP synchronises gradients only through the wrapped module's ``forward``; the model's own forward
+    predicts, so the loss (:func:`~steerable.objectives.preference_loss` on all of D^T) is wrapped here.
+    """
+
+    def __init__(self, model: RewardModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: TaskBatch) -> torch.Tensor:
+        out = self.model.training_output(batch)
+        return preference_loss(out.log_prob_chosen, batch.target_mask, out.kl)
 
 
 def train_reward_model(
@@ -247,14 +293,27 @@ def train_reward_model(
 ) -> TrainResult:
     """Train ``model`` on tasks from ``train_data``, select it on ``val_data`` (or on held-out users).
 
+    Runs through accelerate: one process by default; under ``torchrun`` / ``accelerate launch`` each
+    process draws its own ``batch_size / processes`` tasks per step (all with the same N^C), gradients
+    are averaged, and only the main process writes files.
+
     Args:
         out_dir: folder for the best model, ``metrics.csv`` and the resumable checkpoint; resumes
-            automatically when it already holds a checkpoint of the same run.
+            automatically when it already holds a checkpoint of the same run (same settings, data and
+            number of processes).
         overwrite: discard an existing run in ``out_dir``.
-        callbacks: ``f(step, metrics, model) -> stop?`` called after each validation.
+        callbacks: ``f(step, metrics, model) -> stop?`` called after each validation (in every process).
         progress: show a progress bar (default: when writing to a terminal).
     """
     config = config or TrainConfig()
+    accelerator = make_accelerator(config.device)
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    main = accelerator.is_main_process
+    if config.batch_size % world:
+        raise ConfigError(
+            f"batch_size ({config.batch_size}) is the global batch: it must be divisible by the number "
+            f"of processes ({world})"
+        )
     if val_data is None:
         train_data, val_data = train_data.split_users(config.val_fraction, seed=config.seed)
     train_sampler = TaskSampler(
@@ -262,26 +321,26 @@ def train_reward_model(
         config.min_context,
         config.max_context,
         config.num_targets,
-        config.batch_size,
-        seed=config.seed,
+        config.batch_size // world,
+        seed=rank_seed(config.seed, rank),
+        context_seed=None if world == 1 else config.seed + 2,  # every process draws the same N^C
     )
-    val_batches = _validation_batches(val_data, config)
-    model.to(config.device).train()
+    val_batches = [b.to(device) for b in _validation_batches(val_data, config)]
+    model.to(device).train()
     optimizer = torch.optim.Adam(
         model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     schedule = learning_rate_schedule(config)
     out = Path(out_dir) if out_dir is not None else None
-    description = _run_description(model, config, train_data, val_data)
+    description = _run_description(model, config, train_data, val_data, world)
     ckpt_dir = out / "checkpoint" if out is not None else None
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(rank_seed(config.seed, rank))
         start, elapsed, best = 0, 0.0, {"val_loss": math.inf, "step": 0, "stale": 0}
-        if out is None:
-            model.fit_standardization(train_data)
+        restored = None
         if out is not None:
-            if overwrite:
+            if overwrite and main:
                 for name in (
                     "checkpoint",
                     "checkpoint.old",
@@ -293,18 +352,20 @@ def train_reward_model(
                 ):
                     target = out / name
                     shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            accelerator.wait_for_everyone()
             restored = load_checkpoint(ckpt_dir, model, optimizer)
-            if restored is None:
-                model.fit_standardization(train_data)
-            if restored is not None:
-                meta, rng = restored
-                _check_same_run(meta["description"], description, out)
-                start, elapsed, best = meta["step"], meta["elapsed_s"], meta["best"]
-                train_sampler.generator.set_state(rng["sampler"])
-                torch.set_rng_state(rng["torch"])
+        if restored is None:
+            model.fit_standardization(train_data)
+        else:
+            meta, rng = restored
+            _check_same_run(meta["description"], description, out)
+            start, elapsed, best = meta["step"], meta["elapsed_s"], meta["best"]
+            restore_rng_states(rng, accelerator, train_sampler, device)
+        if out is not None and main:
             out.mkdir(parents=True, exist_ok=True)
             write_json_atomic(out / "train_config.json", description)
-        log = MetricsLog(out, start)
+        objective, optimizer = accelerator.prepare(PreferenceObjective(model), optimizer)
+        log = MetricsLog(out if main else None, start)
         finished = start >= config.max_steps or (
             config.patience is not None and best["stale"] >= config.patience
         )
@@ -313,7 +374,7 @@ def train_reward_model(
             initial=start,
             desc=f"train {model.model_type}",
             unit="step",
-            disable=(not progress) if progress is not None else None,
+            disable=True if not main else (not progress) if progress is not None else None,
             leave=False,
             dynamic_ncols=True,
         )
@@ -322,16 +383,15 @@ def train_reward_model(
         try:
             while not finished:
                 batch = train_sampler.sample()
-                if config.device != "cpu":
-                    batch = batch.to(config.device)
-                out_batch = model.training_output(batch)
-                loss = preference_loss(out_batch.log_prob_chosen, batch.target_mask, out_batch.kl)
+                if device.type != "cpu":
+                    batch = batch.to(device)
+                loss = objective(batch)
                 optimizer.zero_grad(set_to_none=True)
                 for group in optimizer.param_groups:
                     group["lr"] = schedule(step)
-                loss.backward()
+                accelerator.backward(loss)
                 if config.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()
                 step += 1
                 window_loss += float(loss.detach())
@@ -339,22 +399,27 @@ def train_reward_model(
                 bar.update(1)
                 if step % config.eval_every == 0 or step == config.max_steps:
                     metrics = validation_metrics(model, val_batches)
+                    train_loss = window_loss / window_steps
+                    if world > 1:  # the mean over every process's tasks
+                        train_loss = float(
+                            accelerator.reduce(torch.tensor(train_loss, device=device), "mean")
+                        )
                     now = time.perf_counter()
                     elapsed += now - clock
                     clock = now
                     improved = metrics["val_loss"] < best["val_loss"]
                     if improved:
                         best = {"val_loss": metrics["val_loss"], "step": step, "stale": 0}
-                        if out is not None:
-                            model.save_pretrained(out)
-                        else:
+                        if out is None:
                             best["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                        elif main:
+                            model.save_pretrained(out)
                     else:
                         best["stale"] += 1
                     row = {
                         "step": step,
                         "elapsed_s": elapsed,
-                        "train_loss": window_loss / window_steps,
+                        "train_loss": train_loss,
                         **metrics,
                         "is_best": float(improved),
                     }
@@ -372,21 +437,24 @@ def train_reward_model(
                         or (config.patience is not None and best["stale"] >= config.patience)
                     )
                     if out is not None:
-                        rng = {"sampler": train_sampler.generator.get_state(), "torch": torch.get_rng_state()}
+                        rng = gather_rng_states(accelerator, rng_states(train_sampler.get_state(), device))
                         state = {
                             "step": step,
                             "elapsed_s": elapsed,
                             "best": {k: v for k, v in best.items() if k != "state"},
                             "description": description,
                         }
-                        save_checkpoint(ckpt_dir, model, optimizer, rng, state)
+                        if main:
+                            save_checkpoint(ckpt_dir, model, optimizer, rng, state)
+                        accelerator.wait_for_everyone()
                     clock = time.perf_counter()
         finally:
             bar.close()
             log.close()
 
+    accelerator.wait_for_everyone()  # the main process has written the best model
     if out is not None and (out / WEIGHTS_NAME).exists():
-        best_model = type(model).from_pretrained(out, device=config.device)
+        best_model = type(model).from_pretrained(out, device=device)
     else:
         if "state" in best:
             model.load_state_dict(best["state"])

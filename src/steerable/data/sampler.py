@@ -102,6 +102,9 @@ class TaskSampler:
         num_targets: N^T, pairs per task including the context (paper: 20).
         batch_size: tasks per batch (paper: 64).
         seed: seeds the sampler's own ``torch.Generator`` (the global RNG is never touched).
+        context_seed: when given, N^C is drawn from a generator of its own with this seed, so that
+            samplers of several processes (each with its own ``seed``) draw the same N^C at every step;
+            by default N^C comes from the main generator.
 
     A user can serve a task with N^C context pairs only if they have at least N^C + 1 pairs (one pair
     left to score). Raises :class:`DataError` if no user can serve N^C = ``max_context``.
@@ -115,6 +118,7 @@ class TaskSampler:
         num_targets: int = 20,
         batch_size: int = 64,
         seed: int = 0,
+        context_seed: int | None = None,
     ) -> None:
         if not 0 <= min_context <= max_context:
             raise ValueError(f"need 0 <= min_context <= max_context, got {min_context}, {max_context}")
@@ -124,6 +128,9 @@ class TaskSampler:
         self.min_context, self.max_context = min_context, max_context
         self.num_targets, self.batch_size = num_targets, batch_size
         self.generator = torch.Generator().manual_seed(seed)
+        self.context_generator = (
+            self.generator if context_seed is None else torch.Generator().manual_seed(context_seed)
+        )
         self.counts = torch.as_tensor(data.pairs_per_user, dtype=torch.long)
         if int(self.counts.max()) < max_context + 1:
             raise DataError(
@@ -149,7 +156,21 @@ class TaskSampler:
 
     def sample_context_size(self) -> int:
         """Draw N^C ~ Uniform{min_context..max_context}."""
-        return int(torch.randint(self.min_context, self.max_context + 1, (1,), generator=self.generator))
+        draw = torch.randint(self.min_context, self.max_context + 1, (1,), generator=self.context_generator)
+        return int(draw)
+
+    def get_state(self) -> dict[str, torch.Tensor]:
+        """The generators' states (for checkpoints)."""
+        state = {"sampler": self.generator.get_state()}
+        if self.context_generator is not self.generator:
+            state["sampler_context"] = self.context_generator.get_state()
+        return state
+
+    def set_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`get_state`."""
+        self.generator.set_state(state["sampler"])
+        if self.context_generator is not self.generator:
+            self.context_generator.set_state(state["sampler_context"])
 
     def sample(self, num_context: int | None = None, batch_size: int | None = None) -> TaskBatch:
         """One batch of tasks sharing N^C (drawn uniformly if not given)."""

@@ -144,6 +144,19 @@ class PreferenceData:
             )
         return self.select_users(np.sort(perm[n_out:])), self.select_users(np.sort(perm[:n_out]))
 
+    def fingerprint(self) -> str:
+        """``<rows>:<sha256 prefix>`` of the users, options and prompts: two runs on different data (or a
+        file edited between them) never share a fingerprint."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        digest.update("\x1f".join(str(u) for u in self.user_ids).encode())
+        for array in (self.chosen, self.rejected):
+            digest.update(np.ascontiguousarray(array, dtype=np.float32).tobytes())
+        if self.prompts is not None:
+            digest.update("\x1f".join(str(p) for p in self.prompts).encode())
+        return f"{self.num_pairs}:{digest.hexdigest()[:16]}"
+
     def summary(self) -> str:
         """One line: pairs, users, dimension, pairs per user."""
         counts = self.pairs_per_user

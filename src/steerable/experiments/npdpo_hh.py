@@ -152,10 +152,10 @@ def run_npdpo_hh(
     """Run the study; writes ``results.json``, ``npdpo_hh.png`` and both policies under ``out_dir``."""
     import shutil
 
-    from accelerate import PartialState
+    from steerable.utils.distributed import is_main_process
 
     config = config or NPDPOHHConfig()
-    main_process = PartialState().is_main_process
+    main_process = is_main_process()
     out = begin_study(out_dir, "npdpo-hh", "NP-DPO on real text: two user types", seed, config)
     if overwrite and main_process:
         for name in ("np-dpo", "btl-dpo"):

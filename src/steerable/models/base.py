@@ -212,7 +212,7 @@ class RewardModel(nn.Module):
             raise SteerableError(f"{directory}: holds a {config.model_type} model, not a {cls.model_type}")
         model = model_cls(config)
         try:
-            state = load_file(str(Path(directory) / WEIGHTS_NAME), device=str(device))
+            state = load_file(str(Path(directory) / WEIGHTS_NAME))
         except FileNotFoundError:
             raise SteerableError(f"{directory}: no {WEIGHTS_NAME} (not a saved steerable model)") from None
         except Exception as exc:  # safetensors raises its own error types for corrupt files

@@ -10,11 +10,16 @@ input scale of h2 grows with N^C and on the synthetic study 3 of 6 seeds collaps
 An empty set (N^C = 0) has no mean (0/0 is NaN) and softmax over no keys is NaN too, so the pooled
 representation of an empty set is a learned vector, ``empty_set``; h2 is then applied as usual. This is
 exactly the prior the model predicts with when it knows nothing about the user.
+
+Without a mask (every pair present, e.g. personalising one user) the attention path is computed in a few
+fused ops (one QKV projection, one scaled-dot-product call, the output projection applied once to the
+pooled rows, since it commutes with the mean); the result equals the masked path up to float rounding.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from steerable.models.mlp import mlp
@@ -51,11 +56,20 @@ class SetEncoder(nn.Module):
         self.empty_set = nn.Parameter(torch.zeros(hidden_dim))
         self.post_net = mlp(hidden_dim, hidden_dim, out_dim, num_layers, activation)  # h_{e,2}
 
-    def pool(self, chosen: Tensor, rejected: Tensor, mask: Tensor) -> Tensor:
-        """(B, N, D), (B, N, D), (B, N) bool -> (B, H) pooled set representation."""
+    def pool(self, chosen: Tensor, rejected: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(B, N, D), (B, N, D), (B, N) bool or None (every pair present) -> (B, H) pooled set
+        representation."""
+        if mask is None:
+            if chosen.shape[1]:
+                return self._pool_complete(chosen, rejected)
+            mask = torch.ones(chosen.shape[:2], dtype=torch.bool, device=chosen.device)
         b, n = mask.shape
         if n == 0:
-            return self.empty_set.expand(b, -1)
+            # One masked dummy pair instead of none: the set path stays in the autograd graph (with zero
+            # gradient), which DDP needs when one process draws N^C = 0; the rows become empty_set below.
+            chosen = chosen.new_zeros(b, 1, chosen.shape[-1])
+            rejected = rejected.new_zeros(b, 1, rejected.shape[-1])
+            mask = mask.new_zeros(b, 1)
         pairs = torch.cat([chosen, rejected], dim=-1)  # (B, N, 2D)
         counts = mask.sum(dim=1, keepdim=True)  # (B, 1)
         if self.kind == "mean":
@@ -73,6 +87,24 @@ class SetEncoder(nn.Module):
             pooled = pooled / counts.clamp(min=1)
         return torch.where(counts > 0, pooled, self.empty_set)
 
-    def forward(self, chosen: Tensor, rejected: Tensor, mask: Tensor) -> Tensor:
-        """(B, N, D), (B, N, D), (B, N) bool -> (B, out_dim)."""
+    def _pool_complete(self, chosen: Tensor, rejected: Tensor) -> Tensor:
+        """(B, N, D) ×2 with N ≥ 1 and no padding -> (B, H): :meth:`pool` in fewer, fused ops."""
+        pairs = torch.cat([chosen, rejected], dim=-1)  # (B, N, 2D)
+        n = pairs.shape[1]
+        if self.kind == "mean":
+            features = self.pair_net(pairs)  # (B, N, H)
+            return features.sum(dim=1) if self.pooling == "sum" else features.mean(dim=1)
+        attn = self.attention
+        b, heads = pairs.shape[0], attn.num_heads
+        qkv = F.linear(self.pair_proj(pairs), attn.in_proj_weight, attn.in_proj_bias)  # (B, N, 3H)
+        q, k, v = qkv.view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)  # (B, heads, N, H/heads) each
+        dropout = attn.dropout if self.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (B, heads, N, H/heads)
+        # out_proj is affine: Σ_j (W o_j + b) = W Σ_j o_j + N b, and the mean likewise
+        pooled = (o.sum(dim=2) if self.pooling == "sum" else o.mean(dim=2)).reshape(b, -1)  # (B, H)
+        bias = attn.out_proj.bias * n if self.pooling == "sum" else attn.out_proj.bias
+        return F.linear(pooled, attn.out_proj.weight, bias)
+
+    def forward(self, chosen: Tensor, rejected: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(B, N, D), (B, N, D), (B, N) bool or None (every pair present) -> (B, out_dim)."""
         return self.post_net(self.pool(chosen, rejected, mask))

@@ -31,6 +31,18 @@ def _layer_count(model: nn.Module) -> int | None:
 
 def find_decoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's decoder blocks in order (see the module docstring)."""
+    return list(model.get_submodule(block_list_name(model)))
+
+
+def block_list_owner(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module holding the list of decoder blocks and the attribute it is held under."""
+    name = block_list_name(model)
+    parent, _, attribute = name.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), attribute
+
+
+def block_list_name(model: nn.Module) -> str:
+    """Dotted name of the ``nn.ModuleList`` of decoder blocks (see the module docstring)."""
     expected = _layer_count(model)
     candidates: list[tuple[int, str, nn.ModuleList]] = []
     for name, module in model.named_modules():
@@ -45,7 +57,7 @@ def find_decoder_blocks(model: nn.Module) -> list[nn.Module]:
     if not candidates:
         raise ConfigError(f"{type(model).__name__}: found no list of decoder blocks to modulate")
     candidates.sort(key=lambda c: (-c[0], c[1].count(".")))
-    return list(candidates[0][2])
+    return candidates[0][1]
 
 
 def find_attention(block: nn.Module, attention_name: str | None = None) -> nn.Module:

@@ -1,9 +1,12 @@
 """Implicit-reward accuracy of a (conditional) policy on held-out users, and the label-swap test.
 
 For a task (one user, N^C context pairs, targets = the user's other pairs), the policy prefers y_c over
-y_r when β·log π(y_c | x, D^C)/π_ref(y_c | x) > β·log π(y_r | x, D^C)/π_ref(y_r | x) (eq. 8). Only
-targets outside the context are scored (and, with ``scored``, only the pairs it marks, e.g. the
-conflicting ones). Reference log-probabilities do not depend on the user and are computed once per pair.
+y_r when β·log π(y_c | x, D^C)/π_ref(y_c | x) > β·log π(y_r | x, D^C)/π_ref(y_r | x) (eq. 8); a tie counts
+½, as for reward models (:func:`~steerable.objectives.prediction_hits`). Only targets outside the context
+are scored (and, with ``scored``, only the pairs it marks, e.g. the conflicting ones). Standard errors are
+clustered by user (:func:`~steerable.evaluation.clustered_stderr`): evaluation tasks reuse users. Reference
+log-probabilities do not depend on the user and are computed once per pair, in the same autocast context
+as the policy (``autocast``); with a prefix cache, both run from the frozen blocks' cached hidden states.
 
 Label swap: the same tasks with every context pair's chosen and rejected exchanged; the flip rate is the
 share of scored targets whose predicted winner changes. A policy that ignores its context flips none.
@@ -11,6 +14,7 @@ share of scored targets whose predicted winner changes. A policy that ignores it
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,9 +22,11 @@ import torch
 
 from steerable.data.sampler import TaskBatch, TaskSampler
 from steerable.data.schema import PreferenceData
-from steerable.objectives import implicit_reward
+from steerable.evaluation import clustered_stderr
+from steerable.objectives import implicit_reward, prediction_hits
 from steerable.policy.model import ConditionalPolicy
-from steerable.policy.tokens import ReferenceLogProbs, TokenizedPairs, pair_batch
+from steerable.policy.sequences import Autocast, PrefixCache, SequenceStore
+from steerable.policy.tokens import TokenizedPairs, pair_batch
 
 
 @dataclass
@@ -30,9 +36,19 @@ class TargetMargins:
     margin: np.ndarray  # (M,)
     mode: np.ndarray  # (M,) hidden mode of the task's user, -1 unknown
     task: np.ndarray  # (M,) task number
+    user: np.ndarray  # (M,) the task's user (position in ``data.users``): the unit of the standard error
+    pair: np.ndarray  # (M,) the scored pair's row in the data
+
+    def select(self, keep: np.ndarray) -> TargetMargins:
+        return TargetMargins(*(getattr(self, f)[keep] for f in ("margin", "mode", "task", "user", "pair")))
 
     def accuracy(self) -> float:
-        return float(np.mean(self.margin > 0)) if len(self.margin) else float("nan")
+        return float(np.mean(prediction_hits(self.margin))) if len(self.margin) else float("nan")
+
+    def stderr(self) -> float:
+        """Standard error of :meth:`accuracy`, clustered by user."""
+        hits = prediction_hits(self.margin)
+        return clustered_stderr(hits, np.ones_like(hits), self.user)
 
 
 class PolicyEvaluator:
@@ -46,13 +62,15 @@ class PolicyEvaluator:
         beta: float = 0.05,
         scored: np.ndarray | None = None,
         max_pairs_per_forward: int = 16,
+        autocast: Autocast = nullcontext,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.policy, self.tokens, self.embedded, self.beta = policy.eval(), tokens, embedded, beta
         self.scored = np.ones(embedded.num_pairs, dtype=bool) if scored is None else np.asarray(scored, bool)
-        self.max_pairs = max_pairs_per_forward
+        self.max_pairs, self.autocast = max_pairs_per_forward, autocast
         tok = policy.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.reference = ReferenceLogProbs(policy, tokens, self.pad_id, max_pairs_per_forward)
+        self.store = SequenceStore(policy, tokens, self.pad_id, autocast, prefix_cache, max_pairs_per_forward)
         self._margins: dict[tuple[int, bool], tuple[list[TaskBatch], TargetMargins]] = {}
 
     def tasks(
@@ -76,7 +94,7 @@ class PolicyEvaluator:
     @torch.no_grad()
     def _margins_of(self, batches: list[TaskBatch], swap_context: bool) -> TargetMargins:
         device = self.policy.device
-        out_margin, out_mode, out_task = [], [], []
+        out_margin, out_mode, out_task, out_user, out_pair = [], [], [], [], []
         task_offset = 0
         for batch in batches:
             nc = batch.num_context
@@ -104,39 +122,65 @@ class PolicyEvaluator:
                         chosen, rejected = rejected, chosen
                     context = (chosen.to(device), rejected.to(device), batch.context_mask[idx].to(device))
                 users = torch.arange(len(group), device=device).repeat_interleave(pb.rows_per_user).repeat(2)
-                logps, _ = self.policy(pb.input_ids, pb.attention_mask, pb.response_mask, context, users)
-                self.policy.modulate(None)
                 flat = [p for r in group_rows for p in r]
-                ref = self.reference(flat)  # (2n,) chosen then rejected
+                prefix = self.store.prefix(flat, pb.input_ids.shape[1])
+                with self.autocast():
+                    logps, _ = self.policy(
+                        pb.input_ids, pb.attention_mask, pb.response_mask, context, users, prefix
+                    )
+                self.policy.modulate(None)
+                ref = self.store.reference(flat)  # (2n,) chosen then rejected
                 n = len(flat)
                 rc = implicit_reward(logps[:n], ref[:n], self.beta)
                 rr = implicit_reward(logps[n:], ref[n:], self.beta)
                 out_margin.append((rc - rr).float().cpu().numpy())
+                out_pair.append(np.asarray(flat, dtype=np.int64))
                 for t, r in zip(group, group_rows, strict=True):
                     out_mode.append(np.full(len(r), int(batch.hidden_mode[t])))
                     out_task.append(np.full(len(r), task_offset + t))
+                    out_user.append(np.full(len(r), int(batch.user_index[t])))
             task_offset += len(rows)
         cat = lambda xs, dtype: np.concatenate(xs) if xs else np.zeros(0, dtype)  # noqa: E731
-        return TargetMargins(cat(out_margin, np.float32), cat(out_mode, np.int64), cat(out_task, np.int64))
+        return TargetMargins(
+            cat(out_margin, np.float32),
+            cat(out_mode, np.int64),
+            cat(out_task, np.int64),
+            cat(out_user, np.int64),
+            cat(out_pair, np.int64),
+        )
 
     def accuracy_by_mode(
         self, tasks: dict[int, list[TaskBatch]], mode_names: list[str] | None = None
     ) -> dict[str, dict[str, float]]:
         """{mode: {N^C: accuracy}} (plus "all")."""
-        result: dict[str, dict[str, float]] = {}
+        table = self.accuracy_table(tasks, mode_names)
+        return {mode: {nc: v["accuracy"] for nc, v in row.items()} for mode, row in table.items()}
+
+    def accuracy_table(
+        self, tasks: dict[int, list[TaskBatch]], mode_names: list[str] | None = None
+    ) -> dict[str, dict[str, dict[str, float]]]:
+        """{mode: {N^C: {"accuracy", "stderr" (clustered by user), "num_scored", "num_users"}}} (plus
+        "all")."""
+        result: dict[str, dict[str, dict[str, float]]] = {}
         for nc, batches in tasks.items():
             m = self.margins(batches)
-            modes = sorted(set(m.mode.tolist()))
-            for mode in modes:
+            groups = {"all": np.ones(len(m.margin), dtype=bool)}
+            for mode in sorted(set(m.mode.tolist())):
                 name = mode_names[mode] if mode_names and mode >= 0 else str(mode)
-                sel = m.mode == mode
-                result.setdefault(name, {})[str(nc)] = float(np.mean(m.margin[sel] > 0))
-            result.setdefault("all", {})[str(nc)] = m.accuracy()
-        return result
+                groups[name] = m.mode == mode
+            for name, keep in groups.items():
+                part = m.select(keep)
+                result.setdefault(name, {})[str(nc)] = {
+                    "accuracy": part.accuracy(),
+                    "stderr": part.stderr(),
+                    "num_scored": len(part.margin),
+                    "num_users": len(np.unique(part.user)),
+                }
+        return dict(sorted(result.items(), key=lambda kv: kv[0] != "all"))
 
     def label_swap_flip_rate(self, batches: list[TaskBatch]) -> float:
         """Share of scored targets whose predicted winner changes when the context's labels are swapped."""
         plain, swapped = self.margins(batches), self.margins(batches, swap_context=True)
-        return (
-            float(np.mean((plain.margin > 0) != (swapped.margin > 0))) if len(plain.margin) else float("nan")
-        )
+        if not len(plain.margin):
+            return float("nan")
+        return float(np.mean(prediction_hits(plain.margin) != prediction_hits(swapped.margin)))

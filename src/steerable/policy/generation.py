@@ -40,9 +40,14 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int = 0,
-    max_prompt_length: int = 512,
+    max_prompt_length: int | None = None,
 ) -> list[str]:
-    """Sample one response per prompt; row i is steered by z[i] (z (B, L) or (L,) for all; None: none)."""
+    """Sample one response per prompt; row i is steered by z[i] (z (B, L) or (L,) for all; None: FiLM
+    off — for a conditional policy, pass the empty-set embedding of :meth:`SteeredPolicy.user_embedding`
+    to sample π(y | x, ∅) instead). Prompts are cut to the policy's training limit (``policy_config.json``;
+    512 tokens if unknown) unless ``max_prompt_length`` is given."""
+    if max_prompt_length is None:
+        max_prompt_length = policy.config.max_prompt_length or 512
     if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
         raise ValueError("need temperature >= 0, 0 < top_p <= 1 and max_new_tokens >= 1")
     tok = policy.tokenizer

@@ -6,8 +6,14 @@ the chosen and rejected options (the same encoder as NP-BTL). γ, β = hypernetw
 block. With ``conditional=False`` there is no encoder and no FiLM: the same class is the BTL-DPO baseline
 (plain LoRA-DPO).
 
-The reference policy π_ref is this very model with the adapters disabled and FiLM off
+The reference policy π_ref is this very model with the adapters disabled, FiLM off and dropout off
 (:meth:`ConditionalPolicy.reference_log_probs`): one copy of the base weights in memory.
+
+``blocks`` chooses the blocks that are adapted (LoRA) and modulated (FiLM). With ``last:K`` the first
+L − K blocks are the frozen base model, so their output depends on the tokens alone: it can be computed
+once per sequence (with the reference log-probabilities, :mod:`steerable.policy.sequences`) and a
+training step runs only the last K blocks from it (``prefix_hidden``). Log-probabilities are computed
+from logits at the response's positions only (the LM head is most of a small model's cost).
 
 Saved with :meth:`save_pretrained`: only what training changes (LoRA, encoder, hypernetwork, input
 standardisation) in ``policy.safetensors`` plus ``policy_config.json`` naming the base model.
@@ -17,6 +23,8 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -27,7 +35,7 @@ from torch import Tensor, nn
 
 from steerable.errors import ConfigError, SteerableError
 from steerable.models.encoders import SetEncoder
-from steerable.policy.blocks import find_attention, find_decoder_blocks
+from steerable.policy.blocks import block_list_name, block_list_owner, find_attention, find_decoder_blocks
 from steerable.policy.film import FiLMHooks, FiLMHypernetwork
 from steerable.utils.config import option
 
@@ -47,8 +55,14 @@ class PolicyConfig:
     lora_r: int = option(16, "LoRA rank (0: no adapters, FiLM only); paper 512, official code 128")
     lora_alpha: int = option(32, "LoRA alpha (scale alpha/r)")
     lora_dropout: float = option(0.0, "LoRA dropout")
-    lora_targets: str = option("all-linear", "peft target_modules: all-linear or comma-separated names")
-    film_blocks: str = option("all", "modulated blocks: all, first:K, last:K or indices like 0,2,4")
+    lora_targets: str = option(
+        "all-linear", "linear layers adapted in each block: all-linear or comma-separated names"
+    )
+    blocks: str = option(
+        "all",
+        "blocks adapted by LoRA and modulated by FiLM: all, first:K, last:K or indices like 0,2,4; with "
+        "last:K training runs only the last K blocks from cached hidden states (on a CPU: try last:4)",
+    )
     attention_name: str | None = option(None, "attention child of a block (default: found by name)")
     latent_dim: int = option(128, "user embedding z width")
     encoder: str = option(
@@ -58,6 +72,8 @@ class PolicyConfig:
     hyper_hidden: int = option(256, "FiLM hypernetwork width")
     input_dim: int = option(0, "width of the context options' embeddings (set from the data)")
     dtype: str = option("float32", "base model weights: float32 | bfloat16 | float16", choices=list(DTYPES))
+    max_length: int = option(0, "tokens per prompt + response it was trained on (set by the trainer)")
+    max_prompt_length: int = option(0, "tokens per prompt it was trained on (set by the trainer)")
 
     def __post_init__(self) -> None:
         if self.lora_r < 0 or self.lora_alpha <= 0:
@@ -70,6 +86,15 @@ class PolicyConfig:
 
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> PolicyConfig:
+        values = dict(values)
+        legacy = values.pop("film_blocks", None)  # before 0.2: FiLM on these blocks, LoRA on every block
+        if legacy is not None:
+            if legacy != "all":
+                raise ConfigError(
+                    f"{CONFIG_NAME}: saved by an older version with FiLM on blocks {legacy!r} and LoRA on "
+                    "every block; retrain it (LoRA now follows 'blocks')"
+                )
+            values.setdefault("blocks", "all")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -91,9 +116,9 @@ def select_blocks(spec: str, count: int) -> list[int]:
         else:
             chosen = sorted({int(x) % count if -count <= int(x) < count else int(x) for x in spec.split(",")})
     except ValueError:
-        raise ConfigError(f"film_blocks: cannot read {spec!r} (all, first:K, last:K or 0,2,4)") from None
+        raise ConfigError(f"blocks: cannot read {spec!r} (all, first:K, last:K or 0,2,4)") from None
     if not chosen or any(not 0 <= i < count for i in chosen):
-        raise ConfigError(f"film_blocks {spec!r}: the model has blocks 0..{count - 1}")
+        raise ConfigError(f"blocks {spec!r}: the model has blocks 0..{count - 1}")
     return chosen
 
 
@@ -112,6 +137,28 @@ def load_base_model(name: str, dtype: str = "float32", device: str | torch.devic
     return model.to(device), tokenizer
 
 
+def lora_target_modules(base: nn.Module, blocks: list[int], targets: str) -> str | list[str]:
+    """peft ``target_modules``: ``targets`` (all-linear or layer names) inside the chosen blocks only.
+
+    Every block chosen: the spec as it is (peft matches names anywhere in the model). Otherwise the full
+    names of the matching linear layers in those blocks, so the other blocks stay the frozen base."""
+    wanted = None if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    if sorted(blocks) == list(range(len(find_decoder_blocks(base)))):
+        return "all-linear" if wanted is None else wanted
+    prefix = block_list_name(base) + "."
+    names = []
+    for name, module in base.named_modules():
+        linear = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+        if not linear or not name.startswith(prefix):
+            continue
+        index = int(name[len(prefix) :].split(".", 1)[0])
+        if index in blocks and (wanted is None or name.rsplit(".", 1)[-1] in wanted):
+            names.append(name)
+    if not names:
+        raise ConfigError(f"no linear layer matching {targets!r} in blocks {blocks}")
+    return names
+
+
 def _uses_conv1d(base: nn.Module) -> bool:
     """GPT-2-style models store linear weights transposed (transformers' ``Conv1D``); LoRA must know."""
     return any(type(m).__name__ == "Conv1D" for m in base.modules())
@@ -125,17 +172,15 @@ class ConditionalPolicy(nn.Module):
         self.config, self.tokenizer = config, tokenizer
         for p in base.parameters():
             p.requires_grad_(False)
+        self.block_index = select_blocks(config.blocks, len(find_decoder_blocks(base)))
         if config.lora_r > 0:
             from peft import LoraConfig, get_peft_model
 
-            targets: Any = config.lora_targets
-            if targets != "all-linear":
-                targets = [t.strip() for t in targets.split(",") if t.strip()]
             lora = LoraConfig(
                 r=config.lora_r,
                 lora_alpha=config.lora_alpha,
                 lora_dropout=config.lora_dropout,
-                target_modules=targets,
+                target_modules=lora_target_modules(base, self.block_index, config.lora_targets),
                 task_type="CAUSAL_LM",
                 fan_in_fan_out=_uses_conv1d(base),
             )
@@ -150,23 +195,32 @@ class ConditionalPolicy(nn.Module):
             if config.input_dim < 1:
                 raise ConfigError("a conditional policy needs input_dim (the context embeddings' width)")
             blocks = find_decoder_blocks(base)
-            self.film_block_index = select_blocks(config.film_blocks, len(blocks))
             width = _hidden_size(base)
             self.encoder = SetEncoder(
                 config.input_dim, config.encoder_hidden, config.latent_dim, kind=config.encoder
             )
             self.hypernetwork = FiLMHypernetwork(
-                config.latent_dim, len(self.film_block_index), width, config.hyper_hidden
+                config.latent_dim, len(self.block_index), width, config.hyper_hidden
             )
             self.register_buffer("input_shift", torch.zeros(config.input_dim))
             self.register_buffer("input_scale", torch.ones(config.input_dim))
-            attention = [find_attention(blocks[i], config.attention_name) for i in self.film_block_index]
+            attention = [find_attention(blocks[i], config.attention_name) for i in self.block_index]
             self.hooks = FiLMHooks(attention)
 
     # ---- context -> FiLM ---------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
         return next(self.lm.parameters()).device
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        """The Hugging Face causal LM (LoRA layers injected), without peft's wrapper."""
+        return self.lm.get_base_model() if self.config.lora_r > 0 else self.lm
+
+    @property
+    def prefix_blocks(self) -> int:
+        """Leading blocks with neither LoRA nor FiLM: their output depends on the tokens alone."""
+        return min(self.block_index)
 
     def fit_standardization(self, options: Tensor) -> None:
         """Standardise context embeddings with the training options' mean and std (per dimension)."""
@@ -198,13 +252,62 @@ class ConditionalPolicy(nn.Module):
         self.hooks.set(gamma, beta)
 
     # ---- log-probabilities -------------------------------------------------------------------------
-    def token_log_probs(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """(R, T) -> (R, T-1) log π(token_t+1 | tokens ≤ t) under the current modulation."""
-        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-        targets = input_ids[:, 1:]
-        return -F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
-        ).view(targets.shape)
+    def response_log_probs(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        response_mask: Tensor,
+        prefix_hidden: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Summed log π(response | prompt) (R,) and response lengths (R,) under the current modulation.
+
+        (R, T) ids and masks, right-padded. Logits are computed only where a response token is predicted.
+        ``prefix_hidden`` (R, T, H): the input of block :attr:`prefix_blocks` (cached); the blocks before it
+        are then skipped."""
+        lm = self.causal_lm
+        with self._from_prefix(prefix_hidden):
+            hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = hidden.last_hidden_state  # (R, T, H), final norm applied
+        predicts = response_mask[:, 1:]  # (R, T-1): position t predicts response token t+1
+        logits = self._head(hidden[:, :-1][predicts])  # (N, V)
+        token = -F.cross_entropy(logits, input_ids[:, 1:][predicts], reduction="none")  # (N,)
+        rows = torch.arange(len(input_ids), device=token.device)[:, None].expand_as(predicts)[predicts]
+        summed = torch.zeros(len(input_ids), dtype=token.dtype, device=token.device).index_add(0, rows, token)
+        return summed, predicts.sum(dim=1).to(token.dtype)
+
+    def _head(self, hidden: Tensor) -> Tensor:
+        """The LM head on (N, H) final hidden states -> (N, V) float32 logits (Gemma-2-style soft-capping
+        included)."""
+        logits = self.causal_lm.get_output_embeddings()(hidden).float()
+        cap = getattr(self.causal_lm.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+    @contextmanager
+    def _from_prefix(self, prefix_hidden: Tensor | None) -> Iterator[None]:
+        """Inside the block, the model skips its first :attr:`prefix_blocks` blocks and the next block
+        reads ``prefix_hidden`` instead of what came before (embeddings are still computed: they are
+        cheap, and whatever the model does between them and its first block still happens)."""
+        if prefix_hidden is None:
+            yield
+            return
+        start = self.prefix_blocks
+        if start == 0:
+            raise ConfigError("prefix hidden states need frozen leading blocks (blocks last:K)")
+        owner, attribute = block_list_owner(self.causal_lm)
+        blocks = getattr(owner, attribute)
+
+        def replace(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            if args:
+                return (prefix_hidden.to(args[0].dtype), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": prefix_hidden.to(kwargs["hidden_states"].dtype)}
+
+        handle = blocks[start].register_forward_pre_hook(replace, with_kwargs=True)
+        setattr(owner, attribute, nn.ModuleList(list(blocks)[start:]))
+        try:
+            yield
+        finally:
+            setattr(owner, attribute, blocks)
+            handle.remove()
 
     def forward(
         self,
@@ -213,36 +316,62 @@ class ConditionalPolicy(nn.Module):
         response_mask: Tensor,
         context: tuple[Tensor, Tensor, Tensor] | None = None,
         row_user: Tensor | None = None,
+        prefix_hidden: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Summed response log-probabilities (R,) and response lengths (R,) under π(· | D^C).
 
         ``context`` = (chosen (B, Nc, D), rejected (B, Nc, D), mask (B, Nc)) of B users; row r of the
         batch belongs to user ``row_user[r]``. Without context the policy is unmodulated (BTL-DPO).
-        FiLM stays set after the call (activation checkpointing recomputes the forward during backward);
-        call :meth:`modulate` with None when done."""
+        ``prefix_hidden``: see :meth:`response_log_probs`. FiLM stays set after the call (activation
+        checkpointing recomputes the forward during backward); call :meth:`modulate` with None when done."""
         if context is not None and self.hooks is not None:
             self.modulate(self.encode(*context), row_user)
-        token = self.token_log_probs(input_ids, attention_mask)
-        mask = response_mask[:, 1:].to(token.dtype)
-        return (token * mask).sum(dim=1), mask.sum(dim=1)
+        return self.response_log_probs(input_ids, attention_mask, response_mask, prefix_hidden)
 
     @torch.no_grad()
-    def reference_log_probs(self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor) -> Tensor:
-        """Summed response log-probabilities under π_ref: adapters disabled, FiLM off."""
-        with self.reference():
-            token = self.token_log_probs(input_ids, attention_mask)
-        return (token * response_mask[:, 1:].to(token.dtype)).sum(dim=1)
+    def reference_log_probs(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        response_mask: Tensor,
+        prefix_hidden: Tensor | None = None,
+        capture_prefix: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Summed response log-probabilities (R,) under π_ref (see :meth:`reference`), computed in the
+        caller's autocast context. ``capture_prefix``: also return the input of block
+        :attr:`prefix_blocks` (R, T, H), what :meth:`response_log_probs` accepts as ``prefix_hidden``."""
+        captured: list[Tensor] = []
+        handle = None
+        if capture_prefix:
+            block = find_decoder_blocks(self.causal_lm)[self.prefix_blocks]
 
-    def reference(self):
-        """Context manager: the unmodulated base model (adapters disabled, FiLM off)."""
-        from contextlib import ExitStack
+            def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                captured.append((args[0] if args else kwargs["hidden_states"]).detach())
 
-        stack = ExitStack()
-        if self.config.lora_r > 0:
-            stack.enter_context(self.lm.disable_adapter())
-        if self.hooks is not None:
-            stack.enter_context(self.hooks.disabled())
-        return stack
+            handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            with self.reference():
+                logps, _ = self.response_log_probs(input_ids, attention_mask, response_mask, prefix_hidden)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return (logps, captured[0]) if capture_prefix else logps
+
+    @contextmanager
+    def reference(self) -> Iterator[None]:
+        """Inside the block the model is π_ref: the base model with adapters disabled, FiLM off and in
+        eval mode (no dropout); the previous state is restored after."""
+        was_training = self.training
+        self.eval()
+        with ExitStack() as stack:
+            if self.config.lora_r > 0:
+                stack.enter_context(self.lm.disable_adapter())
+            if self.hooks is not None:
+                stack.enter_context(self.hooks.disabled())
+            try:
+                yield
+            finally:
+                self.train(was_training)
 
     # ---- trained state -----------------------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, Tensor]:
@@ -310,7 +439,7 @@ class ConditionalPolicy(nn.Module):
             raise SteerableError(f"{path}: invalid JSON ({exc})") from None
         base, tokenizer = load_base_model(config.base_model, config.dtype, device)
         policy = cls(config, base, tokenizer).to(device)
-        policy.load_trainable_state_dict(load_file(str(directory / WEIGHTS_NAME), device=str(device)))
+        policy.load_trainable_state_dict(load_file(str(directory / WEIGHTS_NAME)))
         return policy.eval()
 
 

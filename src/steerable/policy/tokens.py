@@ -128,31 +128,3 @@ def pair_batch(tokens: TokenizedPairs, pair_rows: list[list[int]], pad_id: int, 
     ids, attention, response = collate(prompts, responses, pad_id, device)
     counts = torch.tensor([len(r) for r in pair_rows], device=device)
     return PairBatch(ids, attention, response, counts, len(flat))
-
-
-class ReferenceLogProbs:
-    """log π_ref of every pair's chosen and rejected response, computed once per pair and kept.
-
-    π_ref is the base model (adapters and FiLM off), which training never changes, so a pair's reference
-    log-probabilities are the same at every step (TRL's ``precompute_ref_log_probs``, done lazily)."""
-
-    def __init__(
-        self, policy: Any, tokens: TokenizedPairs, pad_id: int, max_pairs_per_forward: int = 32
-    ) -> None:
-        self.policy, self.tokens, self.pad_id, self.max_pairs = policy, tokens, pad_id, max_pairs_per_forward
-        self.values: dict[int, tuple[float, float]] = {}
-
-    @torch.no_grad()
-    def __call__(self, pairs: list[int]) -> Tensor:
-        """(2·len(pairs),): [chosen of every pair] + [rejected of every pair], on the policy's device."""
-        todo = [p for p in dict.fromkeys(pairs) if p not in self.values]
-        device = self.policy.device
-        for start in range(0, len(todo), self.max_pairs):
-            chunk = todo[start : start + self.max_pairs]
-            batch = pair_batch(self.tokens, [chunk], self.pad_id, device)
-            ref = self.policy.reference_log_probs(batch.input_ids, batch.attention_mask, batch.response_mask)
-            for i, p in enumerate(chunk):
-                self.values[p] = (float(ref[i]), float(ref[len(chunk) + i]))
-        chosen = [self.values[p][0] for p in pairs]
-        rejected = [self.values[p][1] for p in pairs]
-        return torch.tensor(chosen + rejected, dtype=torch.float32, device=device)

@@ -1,24 +1,31 @@
-"""Training NP-DPO (and BTL-DPO) through accelerate: one process on CPU, DDP/FSDP/DeepSpeed under
-``accelerate launch`` with no code change.
+"""Training NP-DPO (and BTL-DPO) through accelerate: one process by default; several processes, GPUs or
+machines under ``torchrun`` / ``accelerate launch`` (DDP), with no code change.
 
 One step: B users are drawn as NP tasks (:class:`~steerable.data.sampler.TaskSampler`; N^C ~
-Uniform{min..max} context pairs per user), each user's next ``targets_per_user`` pairs are the targets
-(D^T \\ D^C). z is encoded from the context embeddings, FiLM is set per row, and the conditional DPO
-loss (:func:`steerable.objectives.dpo_loss`, β = 0.05 by default) plus ``nll_weight`` × the chosen
-responses' NLL per token is minimised over LoRA, encoder and hypernetwork. The reference
-log-probabilities come from the same model with adapters and FiLM off.
+Uniform{min..max} context pairs per user, the same N^C in every process), each user's next
+``targets_per_user`` pairs are the targets (D^T \\ D^C). z is encoded from the context embeddings, FiLM is
+set per row, and the conditional DPO loss (:func:`steerable.objectives.dpo_loss`, β = 0.05 by default)
+plus ``nll_weight`` × the chosen responses' NLL per token is minimised over LoRA, encoder and
+hypernetwork. The reference log-probabilities come from the same model with adapters, FiLM and dropout
+off, in the same autocast context as the policy (:mod:`~steerable.policy.sequences`), computed once per
+pair; with ``blocks last:K`` the frozen first blocks' hidden states are cached too and a step runs only
+the last K blocks.
 
 Metrics use TRL's names (``rewards/chosen``, ``rewards/rejected``, ``rewards/accuracies``,
 ``rewards/margins``, ``logps/chosen``, ``logps/rejected``) plus the log-ratios log π/π_ref of the
-chosen and rejected responses (``logratio/chosen``, ``logratio/rejected``, in nats): a chosen log-ratio
-sinking far below zero while accuracy is perfect is the sign that generation is degrading; the
-trainer warns when it happens. Checkpoints hold only the trained weights and are resumed automatically.
+chosen and rejected responses (``logratio/chosen``, ``logratio/rejected``, in nats), averaged over every
+process: a chosen log-ratio sinking far below zero while accuracy is perfect is the sign that generation
+is degrading; the trainer warns when it happens. Checkpoints hold only the trained weights, the
+optimizer and every process's RNG states, and are resumed automatically with the same number of
+processes.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +39,20 @@ from steerable.data.schema import PreferenceData
 from steerable.errors import ConfigError
 from steerable.objectives import dpo_loss, implicit_reward
 from steerable.policy.model import ConditionalPolicy
-from steerable.policy.tokens import PairBatch, ReferenceLogProbs, TokenizedPairs, pair_batch
+from steerable.policy.sequences import SequenceStore, prefix_cache_for
+from steerable.policy.tokens import PairBatch, TokenizedPairs, pair_batch
 from steerable.training import MetricsLog
 from steerable.utils.config import config_to_dict, option
+from steerable.utils.distributed import (
+    DEVICES,
+    PRECISIONS,
+    gather_rng_states,
+    make_accelerator,
+    rank_seed,
+    restore_rng_states,
+    rng_states,
+)
+from steerable.utils.files import write_json_atomic
 
 METRICS = [
     "step",
@@ -57,8 +75,12 @@ COLLAPSE_NATS = -10.0  # mean chosen log-ratio below this: warn that generation 
 class PolicyTrainConfig:
     """How NP-DPO / BTL-DPO is trained."""
 
-    max_steps: int = option(300, "optimizer steps")
-    users_per_batch: int = option(4, "users (tasks) per step")
+    max_steps: int = option(
+        300,
+        "optimizer steps; a resumed run may raise it: the learning-rate schedule keeps the length of the run "
+        "that started it and the extra steps run at its final rate",
+    )
+    users_per_batch: int = option(4, "users (tasks) per step over all processes")
     targets_per_user: int = option(2, "target pairs per user per step (each costs two sequences)")
     min_context: int = option(0, "smallest N^C while training")
     max_context: int = option(8, "largest N^C while training")
@@ -70,15 +92,29 @@ class PolicyTrainConfig:
     grad_accum: int = option(1, "gradient accumulation steps per optimizer step")
     max_length: int = option(256, "tokens per prompt + response")
     max_prompt_length: int = option(128, "tokens per prompt (cut from the left)")
+    device: str = option(
+        "auto",
+        "auto (a GPU when there is one), cpu or cuda (under a launcher: each process's GPU)",
+        choices=list(DEVICES),
+    )
     mixed_precision: str = option(
         "auto",
-        "auto (bf16 on GPUs that support it) | no | bf16 | fp16",
-        choices=["auto", "no", "bf16", "fp16"],
+        "auto (bf16 on GPUs that support it) | no | bf16 (also on CPUs) | fp16 (GPUs)",
+        choices=list(PRECISIONS),
+    )
+    disable_dropout: bool = option(
+        True, "turn the LM's dropout off (as TRL does), so that a fresh policy equals its reference"
     )
     gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
     cache_reference: bool = option(
         True, "compute each pair's reference log-probabilities once and keep them (π_ref never changes)"
     )
+    cache_prefix: bool = option(
+        True,
+        "with blocks last:K, compute the frozen first blocks' hidden states once per sequence and keep them "
+        "on disk (the step then runs the last K blocks only)",
+    )
+    cache_dir: str | None = option(None, "cache root (default: $STEERABLE_CACHE or ~/.cache/steerable)")
     save_every: int = option(50, "steps between resumable checkpoints")
     log_every: int = option(10, "steps between metrics.csv rows")
     seed: int = option(0, "seed of the task sampler, LoRA init and dropout")
@@ -94,17 +130,13 @@ class PolicyTrainConfig:
             raise ConfigError("beta must be > 0 and nll_weight >= 0")
 
 
-def _mixed_precision(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
-def learning_rate_at(step: int, config: PolicyTrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak at ``max_steps``."""
+def learning_rate_at(step: int, config: PolicyTrainConfig, horizon: int | None = None) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak at ``horizon`` steps (default ``max_steps``);
+    constant at 10% after it."""
+    horizon = config.max_steps if horizon is None else horizon
     if step < config.warmup_steps:
         return config.learning_rate * (step + 1) / config.warmup_steps
-    progress = min(1.0, (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps))
+    progress = min(1.0, (step - config.warmup_steps) / max(1, horizon - config.warmup_steps))
     return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -127,15 +159,23 @@ def step_terms(
     batch: PairBatch,
     context: tuple | None,
     reference: torch.Tensor | None = None,
+    prefix: torch.Tensor | None = None,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> dict[str, torch.Tensor]:
     """Policy and reference log-probabilities of one :class:`PairBatch` (``policy`` may be wrapped by
     accelerate; ``unwrapped`` is the module itself). ``reference`` (2·pairs,) = log π_ref of the batch's
-    rows when already known (:class:`ReferenceLogProbs`); computed here otherwise."""
+    rows when already known (:class:`~steerable.policy.sequences.SequenceStore`); computed here, inside
+    ``autocast`` like the policy, otherwise. ``prefix`` (2·pairs, T, H): cached prefix hidden states."""
     if reference is None:
-        reference = unwrapped.reference_log_probs(batch.input_ids, batch.attention_mask, batch.response_mask)
+        with autocast():
+            reference = unwrapped.reference_log_probs(
+                batch.input_ids, batch.attention_mask, batch.response_mask, prefix_hidden=prefix
+            )
     users = torch.arange(len(batch.rows_per_user), device=batch.input_ids.device)
     row_user = users.repeat_interleave(batch.rows_per_user).repeat(2)  # chosen half, rejected half
-    logps, lengths = policy(batch.input_ids, batch.attention_mask, batch.response_mask, context, row_user)
+    logps, lengths = policy(
+        batch.input_ids, batch.attention_mask, batch.response_mask, context, row_user, prefix
+    )
     n = batch.num_pairs
     return {
         "policy_chosen": logps[:n],
@@ -145,6 +185,16 @@ def step_terms(
         "chosen_nll": -logps[:n],  # summed over each chosen response's tokens
         "chosen_tokens": lengths[:n],
     }
+
+
+def disable_dropout(module: torch.nn.Module) -> None:
+    """Set every dropout probability of ``module`` to 0 (``nn.Dropout`` layers and the float
+    ``attention_dropout`` that Hugging Face attention modules pass to their kernels)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
 
 
 def train_policy(
@@ -158,38 +208,52 @@ def train_policy(
 ) -> dict[str, Any]:
     """Train ``policy`` on the users of ``embedded`` (pair i of ``tokens`` is pair i of ``embedded``).
 
-    Saves ``policy.safetensors`` + ``policy_config.json`` + ``metrics.csv`` in ``out_dir`` and resumes
-    from ``out_dir/checkpoint`` when present. Returns the final metrics and timings."""
-    from accelerate import Accelerator
+    Saves ``policy.safetensors`` + ``policy_config.json`` + ``metrics.csv`` + ``train_config.json`` in
+    ``out_dir`` (main process only) and resumes from ``out_dir/checkpoint`` when present. Returns the final
+    metrics and timings."""
     from tqdm.auto import tqdm
 
     config = config or PolicyTrainConfig()
     if len(tokens.chosen) != embedded.num_pairs:
         raise ConfigError(f"{len(tokens.chosen)} tokenized pairs but {embedded.num_pairs} embedded pairs")
     out = Path(out_dir) if out_dir is not None else None
-    accelerator = Accelerator(
-        gradient_accumulation_steps=config.grad_accum,
-        mixed_precision=_mixed_precision(config.mixed_precision),
-    )
-    device = accelerator.device
+    policy.config.max_length, policy.config.max_prompt_length = config.max_length, config.max_prompt_length
+    accelerator = make_accelerator(config.device, config.mixed_precision, config.grad_accum)
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    main = accelerator.is_main_process
+    if config.users_per_batch % world:
+        raise ConfigError(
+            f"users_per_batch ({config.users_per_batch}) is per step over all processes: it must be "
+            f"divisible by the number of processes ({world})"
+        )
     sampler = TaskSampler(
         embedded,
         min_context=config.min_context,
         max_context=config.max_context,
         num_targets=config.max_context + config.targets_per_user,
-        batch_size=config.users_per_batch,
-        seed=config.seed * 1000 + accelerator.process_index,
+        batch_size=config.users_per_batch // world,
+        seed=rank_seed(config.seed * 1000, rank),
+        context_seed=None if world == 1 else config.seed * 1000 + 2,  # every process: the same N^C
     )
     if policy.hooks is not None and not out_has_checkpoint(out):
         policy.fit_standardization(torch.from_numpy(np.concatenate([embedded.chosen, embedded.rejected])))
+    if config.disable_dropout:
+        disable_dropout(policy)
     if config.gradient_checkpointing:
         policy.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy.to(device).train()
     params = policy.trainable_parameters()
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    run = {"train": config_to_dict(config), "policy": policy.config.to_json(), **(description or {})}
+    run = {
+        "num_processes": world,
+        "mixed_precision": accelerator.mixed_precision,
+        "train": config_to_dict(config),
+        "policy": policy.config.to_json(),
+        "data": {"fingerprint": data_fingerprint(tokens, embedded)},
+        **(description or {}),
+    }
 
-    start = 0
+    start, horizon = 0, config.max_steps
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         restored = load_checkpoint(out / "checkpoint", _Trainable(policy), optimizer)
@@ -202,15 +266,26 @@ def train_policy(
                     "or choose another --out"
                 )
             start = meta["step"]
-            sampler.generator.set_state(rng["sampler"])
-            torch.set_rng_state(rng["torch"])
+            horizon = meta.get("schedule_steps", meta["run"]["train"]["max_steps"])
+            restore_rng_states(rng, accelerator, sampler, device)
     wrapped, optimizer = accelerator.prepare(policy, optimizer)
-    log = MetricsLog(out if accelerator.is_main_process else None, start, METRICS)
+    log = MetricsLog(out if main else None, start, METRICS)
     pad = policy.tokenizer.pad_token_id if policy.tokenizer is not None else None
     pad_id = (
         pad if pad is not None else (policy.tokenizer.eos_token_id if policy.tokenizer is not None else 0)
     )
-    reference_cache = ReferenceLogProbs(policy, tokens, pad_id) if config.cache_reference else None
+    prefix_cache = None
+    if config.cache_prefix and policy.prefix_blocks > 0:
+        prefix_cache = prefix_cache_for(policy, accelerator.mixed_precision, config.cache_dir)
+    store = SequenceStore(policy, tokens, pad_id, accelerator.autocast, prefix_cache)
+    timings: dict[str, float] = {}
+    if prefix_cache is not None:
+        clock = time.perf_counter()
+        computed = store.fill(range(len(tokens.chosen)), progress=progress and main, rank=rank, world=world)
+        accelerator.wait_for_everyone()
+        prefix_cache.refresh()
+        timings["prefix_cache_s"] = time.perf_counter() - clock
+        timings["prefix_sequences_computed"] = computed
     warned = False
     totals: dict[str, float] = {}
     started = time.perf_counter()
@@ -218,12 +293,12 @@ def train_policy(
         total=config.max_steps,
         initial=start,
         desc="np-dpo" if policy.hooks is not None else "btl-dpo",
-        disable=not progress or not accelerator.is_main_process,
+        disable=not progress or not main,
     )
     step = start
     while step < config.max_steps:
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate_at(step, config)
+            group["lr"] = learning_rate_at(step, config, horizon)
         sums: dict[str, float] = {}
         for _ in range(config.grad_accum):
             with accelerator.accumulate(wrapped):
@@ -233,6 +308,7 @@ def train_policy(
                 rows = [[int(i) for i in r if i >= 0] for r in index]
                 keep = [k for k, r in enumerate(rows) if r]
                 rows = [rows[k] for k in keep]
+                flat = [i for r in rows for i in r]
                 batch = pair_batch(tokens, rows, pad_id, device)
                 context = None
                 if policy.hooks is not None:
@@ -242,8 +318,10 @@ def train_policy(
                         task.context_rejected[keep_t].to(device),
                         task.context_mask[keep_t].to(device),
                     )
-                reference = reference_cache([i for r in rows for i in r]) if reference_cache else None
-                terms = step_terms(wrapped, policy, batch, context, reference)
+                known = config.cache_reference or store.uses_prefix
+                reference = store.reference(flat) if known else None
+                prefix = store.prefix(flat, batch.input_ids.shape[1])
+                terms = step_terms(wrapped, policy, batch, context, reference, prefix, accelerator.autocast)
                 loss = dpo_loss(
                     terms["policy_chosen"],
                     terms["policy_rejected"],
@@ -262,16 +340,19 @@ def train_policy(
                 policy.modulate(None)
                 for key, value in _metrics(terms, loss, config.beta).items():
                     sums[key] = sums.get(key, 0.0) + value / config.grad_accum
+        if world > 1:  # the mean over every process's batch
+            names = sorted(sums)
+            mean = accelerator.reduce(torch.tensor([sums[k] for k in names], device=device), "mean")
+            sums = dict(zip(names, mean.tolist(), strict=True))
         step += 1
         bar.update(1)
-        for key, value in sums.items():
-            totals[key] = value
+        totals = dict(sums)
         bar.set_postfix(
             acc=f"{sums['rewards/accuracies']:.2f}",
             lr_chosen=f"{sums['logratio/chosen']:+.1f}",
             lr_rejected=f"{sums['logratio/rejected']:+.1f}",
         )
-        if sums["logratio/chosen"] < COLLAPSE_NATS and not warned and accelerator.is_main_process:
+        if sums["logratio/chosen"] < COLLAPSE_NATS and not warned and main:
             warned = True
             bar.write(
                 f"warning: step {step}: the chosen responses' log-ratio is "
@@ -280,39 +361,61 @@ def train_policy(
                 "learning rate"
             )
         if step % config.log_every == 0 or step == config.max_steps:
-            log.log({"step": step, **sums, "lr": learning_rate_at(step - 1, config)})
-        if (
-            out is not None
-            and accelerator.is_main_process
-            and (step % config.save_every == 0 or step == config.max_steps)
-        ):
-            rng = {"sampler": sampler.generator.get_state(), "torch": torch.get_rng_state()}
-            save_checkpoint(
-                out / "checkpoint", _Trainable(policy), optimizer, rng, {"step": step, "run": run}
-            )
+            log.log({"step": step, **sums, "lr": learning_rate_at(step - 1, config, horizon)})
+        if out is not None and (step % config.save_every == 0 or step == config.max_steps):
+            rng = gather_rng_states(accelerator, rng_states(sampler.get_state(), device))
+            if main:
+                state = {"step": step, "run": run, "schedule_steps": horizon}
+                save_checkpoint(out / "checkpoint", _Trainable(policy), optimizer, rng, state)
+            accelerator.wait_for_everyone()
     bar.close()
     log.close()
     policy.eval()
     seconds = time.perf_counter() - started
-    if out is not None and accelerator.is_main_process:
-        from steerable.utils.files import write_json_atomic
-
+    if out is not None and main:
         policy.save_pretrained(out)
         write_json_atomic(out / "train_config.json", run)
-    return {"steps": step, "resumed_from": start, "seconds": seconds, "final": totals}
+    accelerator.wait_for_everyone()
+    timings["train_s"] = seconds
+    return {
+        "steps": step,
+        "resumed_from": start,
+        "seconds": seconds,
+        "final": totals,
+        "timings": timings,
+        "num_processes": world,
+    }
 
 
-RESUMABLE_CHANGES = ("max_steps", "save_every", "log_every")  # may differ between a run and its resumption
+RESUMABLE_CHANGES = ("max_steps", "save_every", "log_every", "device", "cache_dir")  # may differ on resume
+
+
+def data_fingerprint(tokens: TokenizedPairs, embedded: PreferenceData) -> str:
+    """``<pairs>:<sha256 prefix>`` of the token ids and the context embeddings."""
+    import hashlib
+
+    digest = hashlib.sha256(embedded.fingerprint().encode())
+    for seqs in (tokens.prompt, tokens.chosen, tokens.rejected):
+        for ids in seqs:
+            digest.update(np.asarray(ids, dtype=np.int64).tobytes())
+            digest.update(b"|")
+    return f"{len(tokens.chosen)}:{digest.hexdigest()[:16]}"
 
 
 def _changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Settings that differ between a checkpointed run and this one (``policy.*`` and ``train.*``)."""
+    """Settings that differ between a checkpointed run and this one (``policy.*``, ``train.*``, the data
+    and the number of processes)."""
     changed = [f"policy.{k}" for k in current["policy"] if saved["policy"].get(k) != current["policy"][k]]
     changed += [
         f"train.{k}"
         for k in current["train"]
         if k not in RESUMABLE_CHANGES and saved["train"].get(k) != current["train"][k]
     ]
+    if saved.get("num_processes", 1) != current["num_processes"]:
+        changed.append(f"num_processes ({saved.get('num_processes', 1)} -> {current['num_processes']})")
+    old_data = saved.get("data", {}).get("fingerprint")
+    if old_data is not None and old_data != current["data"]["fingerprint"]:
+        changed.append("the training data")
     return changed
 
 

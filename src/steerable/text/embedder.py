@@ -102,9 +102,9 @@ def _process_info() -> tuple[int, int, Any]:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, None
-    from accelerate import PartialState
+    from steerable.utils.distributed import process_state
 
-    state = PartialState()
+    state = process_state()
     return state.process_index, state.num_processes, state
 
 
