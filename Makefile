@@ -22,9 +22,12 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/steerable experiment synthetic --out $(OUT)/synthetic --seed $(SEED)
 
+# The store tests start a throw-away PostgreSQL server: .ci/ensure-postgres installs Debian's package if
+# needed; without it those tests are skipped, each with its reason (-rs).
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	.ci/ensure-postgres
+	$(BIN)/python -m pytest -rs
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow
