@@ -381,6 +381,7 @@ class _Command:
 
 def _commands() -> dict[str, _Command]:
     from steerable.cli_active import add_elicit_arguments
+    from steerable.cli_cache import add_cache_arguments
     from steerable.cli_policy import (
         add_evaluate_policy_arguments,
         add_generate_arguments,
@@ -432,6 +433,12 @@ def _commands() -> dict[str, _Command]:
             lambda p, rest: add_elicit_arguments(p),
             "Rank a pool of candidate pairs ({'a', 'b', 'prompt'?} per JSONL row) by how much the "
             "user's answer would tell the model, given the user's answers so far.",
+        ),
+        "cache": _Command(
+            "manage the on-disk embedding cache (prune it to a size)",
+            lambda p, rest: add_cache_arguments(p),
+            "The embedding cache ($STEERABLE_CACHE or ~/.cache/steerable): least recently used shards go "
+            "first when it is pruned.",
         ),
         "serve": _Command(
             "serve a reward model over HTTP: store users' pairs, score, compare, next query, generate",

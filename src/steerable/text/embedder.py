@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from steerable.data.schema import PreferenceData
 from steerable.data.text import Message, TextPreferences
 from steerable.errors import ConfigError, SteerableError
-from steerable.text.cache import EmbeddingCache, default_cache_root, text_key
+from steerable.text.cache import EmbeddingCache, MissingVectors, default_cache_root, text_key
 from steerable.text.models import ResolvedModel, resolve_model
 from steerable.utils.config import option
 
@@ -221,7 +221,13 @@ class Embedder:
         if self._state is not None:  # every process waits for the others' shards, then reads them
             self._state.wait_for_everyone()
             self.cache.refresh()
-        vectors = self.cache.get(keys) if keys else np.zeros((0, 0), dtype=np.float32)
+        try:
+            vectors = self.cache.get(keys) if keys else np.zeros((0, 0), dtype=np.float32)
+        except MissingVectors:  # a shard was pruned meanwhile (size cap, another process): embed it again
+            if self._state is not None:
+                raise
+            self.cache.refresh()
+            vectors = self.cache.get(self.fill_cache(texts, progress=progress))
         self.stats.seconds = time.perf_counter() - start
         return vectors
 
