@@ -143,3 +143,88 @@ def test_variational_model_is_deterministic_in_eval_and_has_posterior_std(batch)
     assert user.embedding_std is not None and (user.embedding_std > 0).all()
     out = model.training_output(batch)
     assert out.kl is not None and out.kl.shape == (8,) and (out.kl >= 0).all()
+
+
+@pytest.mark.parametrize("encoder", ["attention", "mean"])
+@pytest.mark.parametrize("pooling", ["mean", "sum"])
+def test_unpadded_encoder_path_equals_the_masked_path(encoder, pooling, batch):
+    """The personalisation path (no mask: fused QKV, one attention call, out_proj after pooling) gives the
+    numbers of the masked path used in training and evaluation, for one user and for a batch."""
+    model = build_reward_model(tiny_config("vnp-btl", encoder=encoder, pooling=pooling), seed=2).eval()
+    c, r = batch.context_chosen, batch.context_rejected
+    full = torch.ones(c.shape[:2], dtype=torch.bool)
+    with torch.no_grad():
+        for sl in (slice(0, 1), slice(None)):
+            masked, fast = model.encode(c[sl], r[sl], full[sl]), model.encode(c[sl], r[sl], None)
+            torch.testing.assert_close(fast.mean, masked.mean, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(fast.std, masked.std, atol=1e-6, rtol=1e-5)
+        empty = model.encode(c[:, :0], r[:, :0], None).mean
+        torch.testing.assert_close(empty, model.encode(c[:, :0], r[:, :0], full[:, :0]).mean)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_personalize_and_scoring_restore_the_callers_mode(model_type, batch):
+    model = build_reward_model(tiny_config(model_type), seed=0).train()
+    ctx = batch.context_chosen[0].numpy(), batch.context_rejected[0].numpy()
+    user = model.personalize(*ctx)
+    assert all(m.training for m in model.modules())
+    user.rewards(np.zeros((3, 1))), user.compare(np.zeros((3, 1)), np.ones((3, 1)))
+    assert all(m.training for m in model.modules())
+    # a mixed state comes back exactly as it was; and the result is the eval-mode one
+    model.eval()
+    first = next(iter(model.children()))
+    first.train()
+    before = {name: m.training for name, m in model.named_modules()}
+    again = model.personalize(*ctx)
+    assert {name: m.training for name, m in model.named_modules()} == before
+    model.eval()
+    np.testing.assert_array_equal(
+        again.rewards(np.zeros((3, 1))), model.personalize(*ctx).rewards(np.zeros((3, 1)))
+    )
+
+
+def _reference_rewards(model, ctx, options):
+    """Rewards by the training-time decoder (no folding, no cache)."""
+    with torch.no_grad():
+        latent = model.encode(torch.from_numpy(ctx[0])[None], torch.from_numpy(ctx[1])[None], None)
+        return model.option_rewards(torch.from_numpy(options)[None].to(latent.mean.dtype), latent)[0].numpy()
+
+
+def test_folded_weight_cache_follows_every_kind_of_weight_change(batch, tmp_path):
+    """The folded decoder weights are cached across users; a dtype/device move, load_state_dict and an
+    in-place edit through .data (which bumps no version counter) must each recompute them."""
+    model = build_reward_model(tiny_config("np-btl"), seed=0).eval()
+    ctx = batch.context_chosen[0].numpy(), batch.context_rejected[0].numpy()
+    options = np.random.default_rng(0).uniform(size=(20, 1)).astype(np.float32)
+
+    def check() -> None:
+        np.testing.assert_allclose(
+            model.personalize(*ctx).rewards(options),
+            _reference_rewards(model, ctx, options),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+
+    check()  # fills the cache
+    layer = model.decoder.option_net[-1]
+    with torch.no_grad():
+        layer.weight.data.mul_(-2.0)  # .data: the version counter does not move
+    check()
+    with torch.no_grad():
+        layer.bias.data[3] += 1.0  # one element
+    check()
+    other = build_reward_model(tiny_config("np-btl"), seed=5)
+    model.load_state_dict(other.state_dict())
+    check()
+    model.double()  # a move to another dtype (a device move replaces the storage the same way)
+    np.testing.assert_allclose(
+        model.personalize(*ctx).rewards(options),
+        _reference_rewards(model, ctx, options),
+        rtol=1e-6,
+        atol=1e-7,
+    )
+    model.float()
+    check()
+    with torch.no_grad():
+        model.decoder.first.weight.data[0, :2] = model.decoder.first.weight.data[0, :2].flip(0)  # a swap
+    check()

@@ -297,8 +297,13 @@ def test_evaluator_scores_only_targets_and_unconditional_policies_never_flip(tin
     acc = evaluator.accuracy_by_mode(tasks, list(world.TYPES))
     assert set(acc) >= {"all"} and set(acc["all"]) == {"0", "2"}
     assert evaluator.label_swap_flip_rate(tasks[2]) == 0.0
-    margins = evaluator.margins(tasks[2])
-    assert len(margins.margin) <= 6 * 4  # context pairs are never scored
+    # context pairs are never scored: mark each task's context pairs; no margin may be one of them
+    batches = tasks[2]
+    contexts = [{int(p) for p in row if p >= 0} for b in batches for row in b.pair_index[:, : b.num_context]]
+    assert any(conflict[p] for c in contexts for p in c)  # a leak would be scored (and seen)
+    margins = evaluator.margins(batches)
+    assert len(margins.pair) > 0
+    assert not [p for p, t in zip(margins.pair, margins.task, strict=True) if int(p) in contexts[int(t)]]
 
 
 def test_generation_is_seeded_and_steered(tiny_world):

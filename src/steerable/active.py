@@ -38,6 +38,7 @@ from steerable.data.simulate import Population
 from steerable.errors import ConfigError
 from steerable.models.base import RewardModel
 from steerable.models.neural_process import NPBTLRewardModel, VariationalNPBTLRewardModel
+from steerable.utils.modules import eval_mode
 
 STRATEGIES = ("random", "uncertainty", "info-gain", "bayes-greedy")
 Predictor = RewardModel | Sequence[RewardModel]  # one model, or an ensemble of models
@@ -78,33 +79,39 @@ def member_probabilities(
     variational model's predictive draws of z ~ q(z | D^C) (one per deterministic model), summed over
     the members. The mean over S is the (ensemble's) predictive P(a ≻ b | D^C).
     """
-    b, n = options_a.shape[:2]
     mask = (
         context_mask if context_mask is not None else torch.ones(context_chosen.shape[:2], dtype=torch.bool)
     )
-    out = []
-    for model in members(predictor):
-        model.eval()
-        device = model.device
-        latent = model.encode(context_chosen.to(device), context_rejected.to(device), mask.to(device))
-        if isinstance(model, NPBTLRewardModel):
-            assert latent is not None
-            if isinstance(model, VariationalNPBTLRewardModel):
-                z = model.samples(latent)  # (S, B, Z)
-            else:
-                z = latent.mean.unsqueeze(0)  # (1, B, Z)
-            per_user = max(1, _CELLS // max(1, z.shape[0] * 2 * n * model.config.hidden_dim))
-            parts = []
-            for start in range(0, b, per_user):
-                sl = slice(start, start + per_user)
-                both = torch.cat([options_a[sl], options_b[sl]], dim=1).to(device)  # (b', 2N, D)
-                r = model.decoder(model.standardize(both), z[:, sl])  # (S, b', 2N)
-                parts.append(torch.sigmoid(r[..., :n] - r[..., n:]).cpu())  # (S, b', N)
-            out.append(torch.cat(parts, dim=1))
-        else:  # BTL, DPL: no latent, the model's own likelihood
-            pref = model.preference(options_a.to(device), options_b.to(device), latent)
-            out.append(pref.prob_chosen.unsqueeze(0).cpu())
+    out = [
+        _member_probabilities(model, context_chosen, context_rejected, mask, options_a, options_b)
+        for model in members(predictor)
+    ]
     return torch.cat(out).double()  # (S, B, N)
+
+
+def _member_probabilities(
+    model: RewardModel, context_chosen: Tensor, context_rejected: Tensor, mask: Tensor, a: Tensor, b: Tensor
+) -> Tensor:
+    """One member's (S, B, N) P(a ≻ b | z_s), computed on the model's device, returned on the CPU."""
+    device = model.device
+    users, n = a.shape[:2]
+    with eval_mode(model):
+        latent = model.encode(context_chosen.to(device), context_rejected.to(device), mask.to(device))
+        if not isinstance(model, NPBTLRewardModel):  # BTL, DPL: no latent, the model's own likelihood
+            return model.preference(a.to(device), b.to(device), latent).prob_chosen.unsqueeze(0).cpu()
+        assert latent is not None
+        if isinstance(model, VariationalNPBTLRewardModel):
+            z = model.samples(latent)  # (S, B, Z)
+        else:
+            z = latent.mean.unsqueeze(0)  # (1, B, Z)
+        per_user = max(1, _CELLS // max(1, z.shape[0] * 2 * n * model.config.hidden_dim))
+        parts = []
+        for start in range(0, users, per_user):
+            sl = slice(start, start + per_user)
+            both = torch.cat([a[sl], b[sl]], dim=1).to(device)  # (b', 2N, D)
+            r = model.decoder(model.standardize(both), z[:, sl])  # (S, b', 2N)
+            parts.append(torch.sigmoid(r[..., :n] - r[..., n:]).cpu())  # (S, b', N)
+        return torch.cat(parts, dim=1)
 
 
 def binary_entropy(p: Tensor) -> Tensor:

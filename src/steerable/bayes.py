@@ -3,8 +3,11 @@
 :class:`BayesOptimalPredictor` predicts like a model, but from the population's true reward functions:
 P(y1 ≻ y2 | D^C) = Σ_m p(m | D^C) P(y1 ≻ y2 | m), with p(m | D^C) ∝ p(m) Π_{D^C} P(choice | m). For
 discrete modes this is exact; for Dirichlet users the sum runs over prior samples of the weights
-(self-normalised importance sampling, exact as the number of particles grows). No model can beat it on
-average: a model above it by more than sampling noise is scoring pairs it has seen.
+(self-normalised importance sampling, exact as the number of particles grows). No predictor that does
+not know the user's type can beat it on the population average: one above it by more than sampling noise
+is scoring pairs it has seen (or reading the type). Per type it is no bound: a predictor that favours one
+type (e.g. the majority's choice at N^C = 0) can beat it on that type and lose more on the others.
+Tensors follow the batch's device.
 
 Closed forms: :func:`step_bayes_accuracy` (Example 4.1) and :func:`gaussian_identification_error`
 (Example 4.3, appendix A).
@@ -52,7 +55,8 @@ class BayesOptimalPredictor:
     def _choice_prob(self, chosen: Tensor, rejected: Tensor) -> Tensor:
         """(B, N, D) ×2 -> (B, N, M): P(chosen ≻ rejected | particle m)."""
         basis = self.population.basis_rewards
-        diff = (basis(chosen.double()) - basis(rejected.double())) @ self.weights.T  # (B, N, M)
+        weights = self.weights.to(chosen.device)
+        diff = (basis(chosen.double()) - basis(rejected.double())) @ weights.T  # (B, N, M)
         if self.population.temperature > 0:
             return torch.sigmoid(diff / self.population.temperature)
         return (diff > 0).double() + 0.5 * (diff == 0).double()
@@ -66,12 +70,13 @@ class BayesOptimalPredictor:
                 else chosen.new_zeros(chosen.shape[0], 0, len(self.log_prior)).double()
             )
         log_lik = torch.where(mask.unsqueeze(-1), log_lik, torch.zeros_like(log_lik)).sum(dim=1)  # (B, M)
-        joint = self.log_prior + log_lik
+        log_prior = self.log_prior.to(log_lik.device)
+        joint = log_prior + log_lik
         norm = torch.logsumexp(joint, dim=1, keepdim=True)
         lost = ~torch.isfinite(norm.squeeze(1))
         if lost.any():  # nothing explains the context: fall back to the prior for those tasks
             self.fallbacks += int(lost.sum())
-            joint = torch.where(lost.unsqueeze(1), self.log_prior.expand_as(joint), joint)
+            joint = torch.where(lost.unsqueeze(1), log_prior.expand_as(joint), joint)
             norm = torch.logsumexp(joint, dim=1, keepdim=True)
         return joint - norm
 

@@ -472,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``steerable`` console script; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
+    from steerable.utils.numerics import flush_denormals
+
+    flush_denormals()  # before any worker thread starts (utils/numerics.py)
     try:
         return int(args.run(args) or 0)
     except SteerableError as exc:

@@ -1,10 +1,13 @@
 """Accuracy vs number of context pairs, on unseen pairs only (D^T \\ D^C), with uncertainty.
 
 For each N^C, tasks are drawn from the evaluation users (:meth:`TaskSampler.fixed_tasks`) and every
-target pair not in the context is scored. Reported per N^C: accuracy with a task-clustered standard
-error, log loss, expected calibration error (10 equal-width confidence bins), accuracy per hidden mode
-when the data has one, and the Bayes-optimal accuracy on the very same tasks when the population is
-known.
+target pair not in the context is scored. Reported per N^C: accuracy with a standard error clustered by
+user (:func:`clustered_stderr`: tasks cycle over the users, so several tasks share a user, their pairs
+and their type; the user is the independently sampled unit), log loss, expected calibration error (10
+equal-width confidence bins), accuracy per hidden mode when the data has one, and the Bayes-optimal
+accuracy on the very same tasks when the population is known.
+
+Models run on their own device (the batches follow them); the caller's train/eval mode is restored.
 """
 
 from __future__ import annotations
@@ -21,8 +24,36 @@ from steerable.data.sampler import TaskBatch, TaskSampler
 from steerable.data.schema import PreferenceData
 from steerable.data.simulate import Population
 from steerable.models.base import PreferenceOutput
+from steerable.utils.modules import eval_mode
+from steerable.utils.numerics import flush_denormals
 
 Predictor = Callable[[TaskBatch], PreferenceOutput]
+
+
+def clustered_stderr(correct: np.ndarray, count: np.ndarray, cluster_ids: np.ndarray | None = None) -> float:
+    """Standard error of the accuracy Σ correct / Σ count when the rows come in independent clusters.
+
+    ``correct``, ``count`` (T,): hits and scored pairs of each row (task); ``cluster_ids`` (T,) int: the
+    independently sampled unit each row belongs to (the user); a negative id, or no ids at all, makes the
+    row a cluster of its own. Linearised ratio estimator with the small-sample factor G/(G − 1):
+    se² = G/(G − 1) · Σ_g (Σ_{t∈g} correct_t − acc · count_t)² / (Σ_t count_t)², G clusters.
+    NaN with fewer than two clusters or nothing scored.
+    """
+    correct, count = np.asarray(correct, np.float64), np.asarray(count, np.float64)
+    total = count.sum()
+    if total <= 0:
+        return float("nan")
+    ids = np.arange(len(count)) if cluster_ids is None else np.asarray(cluster_ids, np.int64)
+    own = ids < 0
+    if own.any():  # rows without a cluster: fresh ids past the largest one
+        ids = ids.copy()
+        ids[own] = ids.max(initial=-1) + 1 + np.arange(int(own.sum()))
+    _, group = np.unique(ids, return_inverse=True)
+    g = int(group.max()) + 1 if len(group) else 0
+    if g < 2:
+        return float("nan")
+    resid = np.bincount(group, weights=correct - correct.sum() / total * count, minlength=g)  # (G,)
+    return float(np.sqrt(g / (g - 1) * (resid**2).sum()) / total)
 
 
 @dataclass
@@ -37,8 +68,8 @@ class _Tally:
     log_loss_sum: float = 0.0
 
     def add(self, out: PreferenceOutput, batch: TaskBatch) -> None:
-        mask = batch.scored_mask
         log_odds = out.log_odds
+        mask = batch.scored_mask.to(log_odds.device)
         hit = (log_odds > 0).double() + 0.5 * (log_odds == 0).double()
         self.task_correct.append((hit * mask).sum(1).cpu().numpy())
         self.task_count.append(mask.sum(1).cpu().numpy())
@@ -56,14 +87,12 @@ class _Tally:
 
     def summary(self) -> dict[str, Any]:
         correct, count = np.concatenate(self.task_correct), np.concatenate(self.task_count)
-        modes = np.concatenate(self.task_mode)
+        modes, users = np.concatenate(self.task_mode), np.concatenate(self.task_user)
         keep = count > 0
-        correct, count, modes = correct[keep], count[keep], modes[keep]
+        correct, count, modes, users = correct[keep], count[keep], modes[keep], users[keep]
         total = count.sum()
         acc = correct.sum() / total
-        # Ratio-estimator standard error, clustered by task (pairs of one task are not independent).
-        resid = correct - acc * count
-        stderr = float(np.sqrt((resid**2).sum()) / total) if len(count) > 1 else float("nan")
+        stderr = clustered_stderr(correct, count, users)  # tasks of one user are not independent
         by_mode = {
             int(m): float(correct[modes == m].sum() / count[modes == m].sum())
             for m in np.unique(modes)
@@ -77,6 +106,7 @@ class _Tally:
             "by_mode": by_mode,
             "num_scored": int(total),
             "num_tasks": len(count),
+            "num_users": len(np.unique(users)) if (users >= 0).all() else None,
         }
 
 
@@ -164,24 +194,24 @@ def evaluate(
     sizes = sorted(set(int(c) for c in context_sizes))
     if num_targets <= sizes[-1]:
         raise ValueError(f"num_targets ({num_targets}) must exceed the largest context size ({sizes[-1]})")
-    if isinstance(predictor, torch.nn.Module):
-        predictor.eval()
-    device = (
-        next(predictor.parameters()).device if isinstance(predictor, torch.nn.Module) else torch.device("cpu")
-    )
+    flush_denormals()
+    device = predictor_device(predictor)
     sampler = TaskSampler(data, sizes[0], sizes[-1], num_targets, seed=seed)
     tasks = sampler.fixed_tasks(sizes, num_tasks, batch_size=batch_size)
     bayes = BayesOptimalPredictor(population, seed=seed) if population is not None else None
     model_tally = {c: _Tally() for c in sizes}
     bayes_tally = {c: _Tally() for c in sizes}
     total = sum(len(v) for v in tasks.values())
-    with tqdm(
-        total=total,
-        desc="evaluate",
-        unit="batch",
-        disable=(not progress) if progress is not None else None,
-        leave=False,
-    ) as bar:
+    with (
+        eval_mode(predictor),
+        tqdm(
+            total=total,
+            desc="evaluate",
+            unit="batch",
+            disable=(not progress) if progress is not None else None,
+            leave=False,
+        ) as bar,
+    ):
         for c in sizes:
             for batch in tasks[c]:
                 model_tally[c].add(predictor(batch.to(device)), batch)
@@ -203,9 +233,19 @@ def evaluate(
 def evaluate_batches(predictor: Predictor | torch.nn.Module, batches: list[TaskBatch]) -> dict[str, Any]:
     """Metrics (accuracy, stderr, log loss, ECE, by mode) over ready-made task batches, e.g. tasks
     drawn straight from a pair pool with their own context and target conflict rates."""
-    if isinstance(predictor, torch.nn.Module):
-        predictor.eval()
+    flush_denormals()
+    device = predictor_device(predictor)
     tally = _Tally()
-    for batch in batches:
-        tally.add(predictor(batch), batch)
+    with eval_mode(predictor):
+        for batch in batches:
+            tally.add(predictor(batch.to(device)), batch)
     return tally.summary()
+
+
+def predictor_device(predictor: Predictor | torch.nn.Module) -> torch.device:
+    """Where a predictor's batches must go: a model's parameters' device; CPU for plain callables."""
+    if isinstance(predictor, torch.nn.Module):
+        param = next(predictor.parameters(), None)
+        if param is not None:
+            return param.device
+    return torch.device("cpu")

@@ -4,9 +4,14 @@
 >>> user.rewards(options)                                         # (N,) rewards r(y | D^C)
 >>> user.compare(options_a, options_b)                            # (N,) P(a ≻ b | D^C)
 
-For NP models the user's embedding z is computed once; the decoder's first layer folds the option MLP's
-last layer into one matrix and adds the user's term W_z·z + b once, so scoring an option costs one
-hidden layer less than the training-time decoder.
+Personalising computes the user's embedding z once (the set encoder's unpadded path: a few fused ops).
+For NP models scoring uses folded weights: the decoder's first layer absorbs the option MLP's last layer
+and the user's term W_z·z + b is added once, so an option costs one hidden layer less than the
+training-time decoder. The folded weights are shared by every user of a model and recomputed when a
+weight they come from changes (see :func:`_folded_weights`).
+
+The model runs in eval mode during each call and is left in the mode the caller had it in; inputs follow
+the model's device.
 """
 
 from __future__ import annotations
@@ -18,18 +23,29 @@ import torch
 from torch import Tensor
 
 from steerable.models.base import Latent, RewardModel
-from steerable.models.neural_process import NPBTLRewardModel, VariationalNPBTLRewardModel
+from steerable.models.neural_process import (
+    ConditionalRewardDecoder,
+    NPBTLRewardModel,
+    VariationalNPBTLRewardModel,
+)
+from steerable.utils.modules import eval_mode
+from steerable.utils.numerics import flush_denormals
 
 
 def _as_tensor(x: Any, dim: int, device: torch.device, name: str) -> Tensor:
-    t = torch.as_tensor(
-        np.asarray(x, dtype=np.float32) if not isinstance(x, Tensor) else x, dtype=torch.float32
-    )
+    """(N, dim) float32 on ``device`` (a (N,) vector is accepted when dim == 1); checks shape and values."""
+    if isinstance(x, Tensor):
+        t = x.to(dtype=torch.float32)
+        finite = bool(torch.isfinite(t).all()) if t.numel() else True
+    else:
+        a = np.asarray(x, dtype=np.float32)
+        finite = bool(np.isfinite(a).all())
+        t = torch.from_numpy(a)
     if t.ndim == 1 and dim == 1:
         t = t.unsqueeze(-1)
     if t.ndim != 2 or t.shape[1] != dim:
         raise ValueError(f"{name} must have shape (N, {dim}), got {tuple(t.shape)}")
-    if not torch.isfinite(t).all():
+    if not finite:
         raise ValueError(f"{name} contains NaN or infinity")
     return t.to(device)
 
@@ -38,7 +54,8 @@ class PersonalizedRewardModel:
     """A reward model conditioned on one user's context pairs (see the module docstring)."""
 
     def __init__(self, model: RewardModel, context_chosen: Any = None, context_rejected: Any = None) -> None:
-        self.model = model.eval()
+        flush_denormals()
+        self.model = model
         self.dim = model.config.input_dim
         device = model.device
         if (context_chosen is None) != (context_rejected is None):
@@ -51,10 +68,9 @@ class PersonalizedRewardModel:
             if len(chosen) != len(rejected):
                 raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected context options")
         self.num_context = len(chosen)
-        with torch.inference_mode():
-            mask = torch.ones(1, len(chosen), dtype=torch.bool, device=device)
-            self.latent: Latent | None = model.encode(chosen[None], rejected[None], mask)
-            self._scorer = _FoldedScorer(model, self.latent) if isinstance(model, NPBTLRewardModel) else None
+        with torch.inference_mode(), eval_mode(model):
+            self.latent: Latent | None = model.encode(chosen[None], rejected[None], None)  # no padding
+        self._scorer: _FoldedScorer | None = None  # built at the first scoring
 
     @property
     def embedding(self) -> np.ndarray | None:
@@ -67,25 +83,31 @@ class PersonalizedRewardModel:
         return None if self.latent is None or self.latent.std is None else self.latent.std[0].cpu().numpy()
 
     def _rewards(self, options: Tensor) -> Tensor:
-        if self._scorer is not None:
-            return self._scorer(options)  # (S, N) or (1, N)
-        return self.model.option_rewards(options[None], self.latent)  # (1, N)
+        """(N, D) -> (S, N) per sample of z (vnp-btl) or (1, N)."""
+        if isinstance(self.model, NPBTLRewardModel):
+            if self._scorer is None:
+                assert self.latent is not None
+                self._scorer = _FoldedScorer(self.model, self.latent)
+            return self._scorer(options)
+        return self.model.option_rewards(options[None], self.latent)
 
     def rewards(self, options: Any, batch_size: int = 65536) -> np.ndarray:
         """(N, D) options -> (N,) rewards r(y | D^C) (posterior mean for vnp-btl, μ for DPL)."""
+        flush_denormals()
         x = _as_tensor(options, self.dim, self.model.device, "options")
-        with torch.inference_mode():
+        with torch.inference_mode(), eval_mode(self.model):
             parts = [self._rewards(chunk).mean(dim=0) for chunk in x.split(batch_size)]
         return torch.cat(parts).cpu().numpy() if parts else np.zeros(0, dtype=np.float32)
 
     def compare(self, options_a: Any, options_b: Any) -> np.ndarray:
         """(N, D) × 2 -> (N,) P(a ≻ b | D^C), with the model's own likelihood (BTL, DPL or the
         Monte Carlo average over z for vnp-btl)."""
+        flush_denormals()
         a = _as_tensor(options_a, self.dim, self.model.device, "options_a")
         b = _as_tensor(options_b, self.dim, self.model.device, "options_b")
         if len(a) != len(b):
             raise ValueError(f"{len(a)} options in a but {len(b)} in b")
-        with torch.inference_mode():
+        with torch.inference_mode(), eval_mode(self.model):
             out = self.model.preference(a[None], b[None], self.latent)
         return out.prob_chosen[0].cpu().numpy()
 
@@ -95,10 +117,11 @@ class _FoldedScorer:
 
     def __init__(self, model: NPBTLRewardModel, latent: Latent) -> None:
         decoder = model.decoder
-        self.prefix, weight, bias = _folded_weights(decoder)
+        weight, bias = _folded_weights(decoder)
         variational = isinstance(model, VariationalNPBTLRewardModel)
         z = model.samples(latent)[:, 0] if variational else latent.mean  # (S, Z) or (1, Z)
-        self.weight = weight
+        self.prefix = decoder.option_net[:-1]
+        self.weight = weight  # (H, H_in)
         self.bias = decoder.user_bias(z) + bias  # (S, H)
         self.suffix = decoder.reward_net[1:]
         self.standardize = model.standardize
@@ -112,12 +135,31 @@ class _FoldedScorer:
         return self.suffix(h).squeeze(-1)  # (S, N)
 
 
-def _folded_weights(decoder) -> tuple[Any, Tensor, Tensor]:
-    """Folded decoder weights, cached on the decoder until any of its parameters changes."""
-    key = tuple((id(p), p._version) for p in decoder.parameters())
-    cached = getattr(decoder, "_folded_cache", None)
-    if cached is None or cached[0] != key:
-        with torch.inference_mode():
-            cached = (key, decoder.folded())
-        decoder._folded_cache = cached
+def _folded_weights(decoder: ConditionalRewardDecoder) -> tuple[Tensor, Tensor]:
+    """The decoder's folded (weight (H, H_in), bias (H,)), cached on the decoder.
+
+    The cache is keyed by every tensor the fold reads: its storage address, device, dtype, shape,
+    autograd version counter and a checksum of its bits (:func:`_checksum`), since edits through
+    ``.data`` bump no version counter and a storage can be reused at the same address. A device or dtype
+    move, ``load_state_dict`` or any in-place edit therefore recomputes the fold.
+    """
+    last, first = decoder.option_net[-1], decoder.first
+    sources = (last.weight, last.bias, first.weight)
+    with torch.inference_mode():
+        key = tuple((t.data_ptr(), t.device, t.dtype, tuple(t.shape), t._version) for t in sources)
+        key += (tuple(torch.stack([_checksum(t) for t in sources]).tolist()),)
+        cached = getattr(decoder, "_folded_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, decoder.folded()[1:])
+            decoder._folded_cache = cached
     return cached[1]
+
+
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _checksum(t: Tensor) -> Tensor:
+    """() int64: Σ_i (i + 1) · bits_i over the tensor's elements' bit patterns (wrapping). Any change of
+    one element changes it; so does exchanging two different elements."""
+    bits = t.detach().reshape(-1).view(_INT_OF_SIZE[t.element_size()]).long()
+    return (bits * torch.arange(1, len(bits) + 1, device=t.device)).sum()

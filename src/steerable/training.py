@@ -39,6 +39,7 @@ from steerable.utils.distributed import (
     rng_states,
 )
 from steerable.utils.files import write_json_atomic
+from steerable.utils.numerics import flush_denormals
 
 METRIC_COLUMNS = [
     "step",
@@ -306,6 +307,7 @@ def train_reward_model(
         progress: show a progress bar (default: when writing to a terminal).
     """
     config = config or TrainConfig()
+    flush_denormals()  # subnormal floats are slow on CPUs (utils/numerics.py)
     accelerator = make_accelerator(config.device)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     main = accelerator.is_main_process

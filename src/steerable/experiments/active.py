@@ -35,6 +35,7 @@ from steerable.active import STRATEGIES, elicit_batch, member_probabilities
 from steerable.bayes import BayesOptimalPredictor
 from steerable.data.simulate import Population, gaussian_population, simulate
 from steerable.errors import ConfigError, DataError
+from steerable.evaluation import clustered_stderr
 from steerable.experiments.common import (
     begin_study,
     child_seeds,
@@ -176,13 +177,16 @@ def _oriented(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, first: torch.
 
 def accuracy_curve(
     model: RewardModel, users: EvalUsers, asked: torch.Tensor, batch: int = 200
-) -> tuple[dict[int, float], dict[int, float], dict[int, float]]:
-    """Model accuracy, its standard error and the Bayes-optimal accuracy on the targets after the first
-    k asked pairs, k = 0..K (exact ties count ½)."""
+) -> dict[str, dict[int, float]]:
+    """Model and Bayes-optimal accuracy on the targets after the first k asked pairs, k = 0..K (exact
+    ties count ½), each with its standard error clustered by user (:func:`clustered_stderr`):
+    {"accuracy", "stderr", "bayes_accuracy", "bayes_stderr"} -> {k: value}."""
     bayes = BayesOptimalPredictor(users.population)
     rows = torch.arange(asked.shape[0]).unsqueeze(1)
     first = users.pool_answers[rows, asked]  # (B, K)
-    acc, err, bayes_acc = {}, {}, {}
+    curves: dict[str, dict[int, float]] = {
+        key: {} for key in ("accuracy", "stderr", "bayes_accuracy", "bayes_stderr")
+    }
     for k in range(asked.shape[1] + 1):
         per_user, per_user_bayes = [], []
         for start in range(0, asked.shape[0], batch):
@@ -194,25 +198,31 @@ def accuracy_curve(
             ).mean(0)
             truth = users.target_answers[sl].double()
             hit = torch.where(p == 0.5, 0.5, ((p > 0.5).double() == truth).double())
-            per_user.append(hit.mean(1))
+            per_user.append(hit.sum(1))
             fc, fr = _oriented(users.pool_features[0][sl], users.pool_features[1][sl], idx, ans)
             post = bayes.log_posterior(fc, fr, torch.ones(idx.shape, dtype=torch.bool)).exp()  # (b, M)
             choice = bayes._choice_prob(users.target_features[0][sl], users.target_features[1][sl])
             pb = (choice * post.unsqueeze(1)).sum(-1)  # (b, T)
             hit_b = torch.where((pb - 0.5).abs() < 1e-12, 0.5, ((pb > 0.5).double() == truth).double())
-            per_user_bayes.append(hit_b.mean(1))
-        u = torch.cat(per_user)
-        acc[k] = float(u.mean())
-        err[k] = float(u.std() / np.sqrt(len(u)))
-        bayes_acc[k] = float(torch.cat(per_user_bayes).mean())
-    return acc, err, bayes_acc
+            per_user_bayes.append(hit_b.sum(1))
+        count = np.full(asked.shape[0], users.target_answers.shape[1])  # (B,) targets per user
+        for name, hits in (("", per_user), ("bayes_", per_user_bayes)):
+            correct = torch.cat(hits).numpy()  # (B,) one row per user: users are the clusters
+            curves[f"{name}accuracy"][k] = float(correct.sum() / count.sum())
+            curves[f"{name}stderr"][k] = clustered_stderr(correct, count)
+    return curves
 
 
 def _compare(
     name: str, model: RewardModel, users: EvalUsers, config: ActiveConfig, seed: int
 ) -> dict[str, dict[str, dict[int, float]]]:
     """Every strategy on the same users (same pools, targets and answers)."""
-    out: dict[str, dict[str, dict[int, float]]] = {"accuracy": {}, "stderr": {}, "bayes_accuracy": {}}
+    out: dict[str, dict[str, dict[int, float]]] = {
+        "accuracy": {},
+        "stderr": {},
+        "bayes_accuracy": {},
+        "bayes_stderr": {},
+    }
     for strategy, s in zip(config.strategies, child_seeds(seed, len(config.strategies)), strict=True):
         start = time.perf_counter()
         asked = elicit_batch(
@@ -226,12 +236,10 @@ def _compare(
             population=users.population,
             features=users.pool_features,
         )
-        acc, err, bayes_acc = accuracy_curve(model, users, asked)
-        out["accuracy"][strategy], out["stderr"][strategy], out["bayes_accuracy"][strategy] = (
-            acc,
-            err,
-            bayes_acc,
-        )
+        curves = accuracy_curve(model, users, asked)
+        for key, curve in curves.items():
+            out[key][strategy] = curve
+        acc = curves["accuracy"]
         console.print(
             f"  {name} / {strategy}: accuracy {acc[0]:.3f} → {acc[config.max_queries]:.3f} after "
             f"{config.max_queries} pairs ({time.perf_counter() - start:.1f} s)"
@@ -285,12 +293,19 @@ def run_active(
     unknown = sorted(set(config.populations) - set(runners))
     if unknown:
         raise ConfigError(f"unknown populations {unknown}; choose from gaussian, text")
-    results: dict[str, Any] = {"populations": {}, "stderr": {}, "bayes_accuracy": {}, "details": {}}
+    results: dict[str, Any] = {
+        "populations": {},
+        "stderr": {},
+        "bayes_accuracy": {},
+        "bayes_stderr": {},
+        "details": {},
+    }
     for kind, s in zip(config.populations, child_seeds(seed, len(config.populations)), strict=True):
         name, r = runners[kind](out, config, s, overwrite)
         results["populations"][name] = r.pop("accuracy")
         results["stderr"][name] = r.pop("stderr")
         results["bayes_accuracy"][name] = r.pop("bayes_accuracy")
+        results["bayes_stderr"][name] = r.pop("bayes_stderr")
         results["details"][name] = r
         ks = list(range(config.max_queries + 1))
         rows = {f"{st}": v for st, v in results["populations"][name].items()}

@@ -14,7 +14,6 @@ measured error is the identification error and not the decoder extrapolating to 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from steerable.bayes import BayesOptimalPredictor, gaussian_identification_error
 from steerable.data.sampler import make_task_batch
 from steerable.data.simulate import Population, gaussian_population
+from steerable.evaluation import clustered_stderr, predictor_device
 from steerable.experiments.common import (
     begin_study,
     child_seeds,
@@ -39,6 +39,7 @@ from steerable.models.base import PreferenceOutput, RewardModel
 from steerable.plots import plot_error_vs_rho
 from steerable.training import TrainConfig
 from steerable.utils.config import option
+from steerable.utils.modules import eval_mode
 
 
 @dataclass
@@ -85,26 +86,31 @@ def identification_tasks(
 
 
 def _error_rate(outputs: list[PreferenceOutput]) -> tuple[float, float]:
-    """Share of wrongly predicted targets (ties count half) and its task-clustered standard error."""
-    per_task = torch.cat(
-        [((o.log_odds < 0).double() + 0.5 * (o.log_odds == 0).double()).mean(1) for o in outputs]
+    """Share of wrongly predicted targets (ties count half) and its standard error, clustered by task
+    (every task is a freshly drawn user)."""
+    wrong = torch.cat(
+        [((o.log_odds < 0).double() + 0.5 * (o.log_odds == 0).double()).sum(1) for o in outputs]
     )
-    return float(per_task.mean()), float(per_task.std() / math.sqrt(len(per_task)))
+    count = torch.cat([torch.full((o.log_odds.shape[0],), o.log_odds.shape[1]) for o in outputs])
+    wrong_np, count_np = wrong.cpu().numpy(), count.numpy()
+    return float(wrong_np.sum() / count_np.sum()), clustered_stderr(wrong_np, count_np)
 
 
 @torch.no_grad()
 def identification_error(predict, tasks, batch_size: int = 1024) -> tuple[float, float]:
-    """Error rate of ``predict`` (model or Bayes predictor) on ``tasks``, in chunks."""
+    """Error rate of ``predict`` (model or Bayes predictor) on ``tasks``, in chunks on its device."""
+    device = predictor_device(predict)
     outputs = []
-    for start in range(0, tasks.batch_size, batch_size):
-        sl = slice(start, start + batch_size)
-        chunk = make_task_batch(
-            tasks.context_chosen[sl],
-            tasks.context_rejected[sl],
-            tasks.target_chosen[sl],
-            tasks.target_rejected[sl],
-        )
-        outputs.append(predict(chunk))
+    with eval_mode(predict):
+        for start in range(0, tasks.batch_size, batch_size):
+            sl = slice(start, start + batch_size)
+            chunk = make_task_batch(
+                tasks.context_chosen[sl],
+                tasks.context_rejected[sl],
+                tasks.target_chosen[sl],
+                tasks.target_rejected[sl],
+            )
+            outputs.append(predict(chunk.to(device)))
     return _error_rate(outputs)
 
 

@@ -42,6 +42,7 @@ from steerable.models.base import RewardModel
 from steerable.plots import plot_accuracy_per_mode, plot_embedding_pca
 from steerable.training import TrainConfig
 from steerable.utils.config import option
+from steerable.utils.modules import eval_mode
 
 
 @dataclass
@@ -67,8 +68,8 @@ def user_embeddings(
     """z of ``num_tasks`` test users from ``num_context`` of their pairs, and their hidden modes."""
     sampler = TaskSampler(data, num_context, num_context, num_context + 1, seed=seed)
     batch = sampler.fixed_tasks([num_context], num_tasks, batch_size=num_tasks)[num_context][0]
-    with torch.no_grad():
-        z = model.encode_batch(batch).mean.numpy()
+    with torch.no_grad(), eval_mode(model):
+        z = model.encode_batch(batch.to(model.device)).mean.cpu().numpy()
     return z, batch.hidden_mode.numpy()
 
 

@@ -32,6 +32,7 @@ from steerable.models.baselines import DPLRewardModel
 from steerable.plots import plot_accuracy_vs_context, plot_reward_functions_1d
 from steerable.training import TrainConfig
 from steerable.utils.config import option
+from steerable.utils.modules import eval_mode
 
 
 @dataclass
@@ -125,9 +126,9 @@ def _plot_rewards(path: Path, models: dict[str, RewardModel], population, seed: 
     panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray | None]]] = {}
     for name, model in models.items():
         if isinstance(model, DPLRewardModel):
-            with torch.no_grad():
-                mean, std = model.mean_and_std(torch.from_numpy(grid)[None])
-            panels[name] = {"μ ± σ": (mean[0].numpy(), std[0].numpy())}
+            with torch.no_grad(), eval_mode(model):
+                mean, std = model.mean_and_std(torch.from_numpy(grid)[None].to(model.device))
+            panels[name] = {"μ ± σ": (mean[0].cpu().numpy(), std[0].cpu().numpy())}
         elif model.conditional:
             curves = {}
             for mode, label in enumerate(population.mode_names):
