@@ -27,6 +27,7 @@ from steerable.objectives import implicit_reward, prediction_hits
 from steerable.policy.model import ConditionalPolicy
 from steerable.policy.sequences import Autocast, PrefixCache, SequenceStore
 from steerable.policy.tokens import TokenizedPairs, pair_batch
+from steerable.utils.numerics import flush_denormals
 
 
 @dataclass
@@ -65,6 +66,7 @@ class PolicyEvaluator:
         autocast: Autocast = nullcontext,
         prefix_cache: PrefixCache | None = None,
     ) -> None:
+        flush_denormals()
         self.policy, self.tokens, self.embedded, self.beta = policy.eval(), tokens, embedded, beta
         self.scored = np.ones(embedded.num_pairs, dtype=bool) if scored is None else np.asarray(scored, bool)
         self.max_pairs, self.autocast = max_pairs_per_forward, autocast
