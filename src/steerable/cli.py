@@ -283,6 +283,7 @@ def _add_evaluate(p: argparse.ArgumentParser, rest: list[str] | None) -> None:
     )
     p.add_argument("--json", type=Path, default=None, help="write the metrics to this JSON file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda (default: cpu)")
     _add_embedder_arguments(p)
     p.set_defaults(run=_run_evaluate)
 
@@ -294,7 +295,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from steerable.models.registry import load_reward_model
     from steerable.utils.files import write_json_atomic
 
-    model = load_reward_model(args.model_dir)
+    model = load_reward_model(args.model_dir, device=args.device)
     data = _load_vectors(args.data, args)
     if data.dim != model.config.input_dim:
         raise ConfigError(
