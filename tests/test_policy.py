@@ -324,3 +324,43 @@ def test_generation_is_seeded_and_steered(tiny_world):
     steered = [generate(policy, prompts, z * 50, max_new_tokens=6, temperature=0.0) for z in (z_a, z_b)]
     assert steered[0] != plain or steered[1] != plain
     assert policy.hooks.gamma is None  # modulation is cleared after generating
+
+
+def test_fresh_policy_equals_its_reference_under_bf16(tiny_world, tmp_path):
+    """One precision per comparison: with bf16 autocast the reference runs in bf16 too, so the implicit
+    rewards of a fresh policy are exactly 0 (an fp32 reference gave |margins| ~ 1e-3)."""
+    folder, data, vectors, _ = tiny_world
+    torch.manual_seed(0)
+    policy = _build(folder)
+    tokens = PolicyTokenizer(policy.tokenizer, 48, 24).pairs(data)
+    config = _train_config(max_steps=1, mixed_precision="bf16", device="cpu", users_per_batch=4)
+    summary = train_policy(policy, tokens, vectors, config, tmp_path / "run", progress=False)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        assert summary["final"][key] == 0.0, key
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["mixed_precision"] == "bf16"
+
+
+def test_resume_refuses_other_data_and_keeps_the_schedule(tiny_world, tmp_path):
+    from steerable.errors import ConfigError
+    from steerable.policy.trainer import learning_rate_at
+
+    folder, data, vectors, _ = tiny_world
+    tokens = PolicyTokenizer(_build(folder).tokenizer, 48, 24).pairs(data)
+    train_policy(_build(folder), tokens, vectors, _train_config(max_steps=4), tmp_path, progress=False)
+    other = PreferenceData(
+        user_ids=vectors.user_ids,
+        chosen=vectors.chosen + 1,
+        rejected=vectors.rejected,
+        hidden_mode=vectors.hidden_mode,
+    )
+    with pytest.raises(ConfigError, match="training data"):
+        train_policy(_build(folder), tokens, other, _train_config(max_steps=8), tmp_path, progress=False)
+    longer = train_policy(
+        _build(folder), tokens, vectors, _train_config(max_steps=8), tmp_path, progress=False
+    )
+    assert longer["resumed_from"] == 4
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()[1:]
+    lrs = [float(r.split(",")[-1]) for r in rows]
+    config = _train_config(max_steps=4)
+    assert lrs[:4] == pytest.approx([learning_rate_at(s, config) for s in range(4)])
+    assert lrs[4:] == pytest.approx([0.1 * config.learning_rate] * 4)  # past the first run's horizon

@@ -179,3 +179,38 @@ def test_another_model_gets_another_prefix_cache(tiny, tmp_path):
         other.causal_lm.get_input_embeddings().weight.add_(1e-3)
     d = prefix_cache_for(other, "no", tmp_path)
     assert len({a.dir, b.dir, c.dir, d.dir}) == 4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gpt_neox", "gemma"])
+def test_every_family_runs_from_its_cached_prefix(family, tmp_path):
+    from test_policy import _tiny_models
+
+    torch.manual_seed(0)
+    base = _tiny_models()[family]
+    config = PolicyConfig(
+        base_model=family,
+        input_dim=6,
+        latent_dim=8,
+        encoder_hidden=16,
+        hyper_hidden=16,
+        lora_r=4,
+        blocks="last:1",
+    )
+    policy = ConditionalPolicy(config, base).eval()
+    _perturb(policy)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, 60, (4, 12), generator=g)
+    attention = torch.ones_like(ids)
+    attention[2:, 9:] = 0  # right padding
+    response = torch.zeros_like(ids, dtype=torch.bool)
+    response[:, 5:] = attention[:, 5:].bool()
+    ctx = (
+        torch.randn(4, 2, 6, generator=g),
+        torch.randn(4, 2, 6, generator=g),
+        torch.ones(4, 2, dtype=torch.bool),
+    )
+    with torch.no_grad():
+        full, _ = policy(ids, attention, response, ctx)
+        _, prefix = policy.reference_log_probs(ids, attention, response, capture_prefix=True)
+        cached, _ = policy(ids, attention, response, ctx, prefix_hidden=prefix)
+    assert torch.allclose(cached, full, atol=1e-5, rtol=0)

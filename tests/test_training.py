@@ -2,6 +2,7 @@
 
 import csv
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,3 +133,19 @@ def test_learning_rate_schedule_warms_up_and_decays():
 def test_invalid_training_config(kwargs):
     with pytest.raises(ConfigError):
         TrainConfig(**kwargs)
+
+
+def test_resume_refuses_other_data_and_another_number_of_processes(tmp_path, step_data):
+    import json
+
+    _, train, val = step_data
+    _run(tmp_path, train, val, 4)
+    edited = train.select_rows(np.arange(train.num_pairs - 1))  # one row fewer
+    with pytest.raises(ConfigError, match="other train data"):
+        _run(tmp_path, edited, val, 4)
+    state_path = tmp_path / "checkpoint" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state["description"]["num_processes"] = 2
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="2 process"):
+        _run(tmp_path, train, val, 4)
