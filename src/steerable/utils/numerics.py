@@ -1,9 +1,10 @@
 """Floating-point settings shared by training and inference.
 
-Subnormal floats (|x| < 1.2e-38 in float32) are up to ~100× slower on x86 CPUs. With the paper's constant
-learning rate (1e-4) an NP-BTL's training drifts into them after a few hundred steps and its steps became
-~5× slower (27 -> 180 ms on the 2-core development machine, benchmarks/bench_core.py). Flushing them to
-zero changes nothing measurable: the same 1,000-step run gave the same parameters to every printed digit.
+Arithmetic on subnormal floats (|x| < 1.2e-38 in float32) is many times slower on x86 CPUs. Issue 13
+measured an NP-BTL training run slowing ~2.5× after step ~600 from them (1,000 steps: 37.5 s as they
+are, 26.9 s flushed). Flushing them to zero does not change results: 1,000 steps at the paper's learning
+rate gave bitwise-identical parameters with and without it (benchmarks/bench_core.py prints the per-step
+time across such a run).
 """
 
 from __future__ import annotations
