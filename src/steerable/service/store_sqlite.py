@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS pairs (
 CREATE INDEX IF NOT EXISTS pairs_by_user ON pairs (user_id, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+CACHE_KIB = 512  # page cache per connection (one per thread); pairs are read once, the index stays warm
 T = TypeVar("T")
 
 
@@ -94,6 +95,7 @@ class SQLiteStore(PreferenceStore):
                 self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
             )
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)
