@@ -130,3 +130,21 @@ def test_devices_are_checked_in_one_line():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no such CUDA device"):
             resolve_device("cuda:3")
+
+
+def test_only_requests_that_need_no_stored_pairs_are_quick(tmp_path):
+    """Numeric score/compare run on the event loop only when quick: a cache miss reads and personalises
+    the user's pairs, which may take long, and goes to the threadpool instead."""
+    engine = _engine(tmp_path, "quick", 10**6)
+    pair = {"chosen": [0.0, 1.0, 2.0, 3.0], "rejected": [1.0, 0.0, 0.0, 0.0]}
+    try:
+        assert engine.quick(None, 0) and engine.quick("nobody", 5) and engine.quick(None, 100)
+        assert not engine.quick(None, 101)
+        engine.store.add_pairs("kim", [pair])
+        assert not engine.quick("kim", 0) and not engine.quick("kim", 1)
+        engine.score("kim", [[0.0] * 4], None, None)
+        assert engine.quick("kim", 0)
+        engine.store.add_pairs("kim", [pair])  # a write (through any replica) makes it slow again
+        assert not engine.quick("kim", 0)
+    finally:
+        engine.close()

@@ -141,3 +141,117 @@ def test_serve_takes_a_postgres_url(model_dir, pg_url, monkeypatch, capsys):
     assert main(["serve", "--model", str(model_dir), "--db", bad]) == 2
     err = capsys.readouterr().err
     assert "no_such_database: cannot open the preference database" in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_replica_killed_and_database_restarted_under_8_clients_lose_nothing(model_dir):
+    """The issue's fault drill: two ``steerable serve`` processes on one PostgreSQL, 8 clients writing and
+    scoring through both; replica 1 is killed with SIGKILL after 3 s and PostgreSQL restarted after 5 s.
+    Every acknowledged batch must be stored once and whole, no answer may be a 5xx other than 503, and a
+    score right after an acknowledged write, through the other replica, must use that write."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    require_postgres()
+    with TempCluster(durable=True) as cluster:
+        db = cluster.create_database("prefs")
+        procs, urls = [], []
+        for _ in range(2):
+            port = free_port()
+            command = [sys.executable, "-m", "steerable", "serve", "--model", str(model_dir), "--db", db]
+            procs.append(subprocess.Popen([*command, "--port", str(port), "--log-level", "warning"]))
+            urls.append(f"http://127.0.0.1:{port}")
+        try:
+            for url in urls:
+                deadline = time.monotonic() + 60
+                while True:
+                    try:
+                        httpx.get(url + "/v1/health").raise_for_status()
+                        break
+                    except httpx.TransportError:
+                        assert time.monotonic() < deadline, "a replica did not start"
+                        time.sleep(0.2)
+            acked: list[tuple[str, int, int]] = []
+            bad: list[str] = []
+            checked = {"scores": 0, "other_replica": 0, "stale": 0}
+            lock = threading.Lock()
+            dead = threading.Event()
+
+            def post(k: int, which: int, path: str, body: dict) -> tuple[int, httpx.Response | None]:
+                """(replica used, answer or None); a dead replica's clients move to the other one."""
+                if dead.is_set() and which == 0:
+                    which = 1
+                try:
+                    return which, httpx.post(urls[which] + path, json=body, timeout=15)
+                except httpx.TransportError:
+                    return which, None
+
+            def client(k: int) -> None:
+                end, i = time.monotonic() + 14, 0
+                while time.monotonic() < end:
+                    i += 1
+                    batch, size = k * 100_000 + i, 1 + i % 3
+                    user = "shared" if i % 2 else f"c{k}"
+                    pairs = [
+                        {"chosen": [float(batch), float(j)], "rejected": [0.0, -1.0]} for j in range(size)
+                    ]
+                    used, answer = post(k, k % 2, f"/v1/users/{user}/preferences", {"pairs": pairs})
+                    if answer is None or answer.status_code != 201:
+                        if answer is not None and answer.status_code >= 500 and answer.status_code != 503:
+                            with lock:
+                                bad.append(f"{answer.status_code} {answer.text[:100]}")
+                        time.sleep(0.2)
+                        continue
+                    with lock:
+                        acked.append((user, batch, size))
+                    if user == "shared":
+                        continue
+                    total = answer.json()["num_pairs"]  # only this client writes its own user
+                    other, scored = post(k, 1 - used, f"/v1/users/{user}/score", {"options": [[0.0, 0.0]]})
+                    if scored is not None and scored.status_code == 200:
+                        with lock:
+                            checked["scores"] += 1
+                            checked["other_replica"] += other != used
+                            checked["stale"] += scored.json()["num_context"] != min(total, 1000)
+                    elif scored is not None and scored.status_code >= 500 and scored.status_code != 503:
+                        with lock:
+                            bad.append(f"{scored.status_code} {scored.text[:100]}")
+
+            def faults() -> None:
+                time.sleep(3)
+                procs[0].send_signal(signal.SIGKILL)
+                dead.set()
+                time.sleep(2)
+                cluster.stop("fast")
+                time.sleep(2)
+                cluster.start()
+
+            threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+            drill = threading.Thread(target=faults)
+            for t in [*threads, drill]:
+                t.start()
+            for t in [*threads, drill]:
+                t.join()
+            with Client(urls[1]) as survivor:
+                stored = {u: survivor.all_pairs(u) for u in {u for u, _, _ in acked}}
+            lost = partial = duplicated = 0
+            for user, batch, size in acked:
+                n = sum(p["chosen"][0] == batch for p in stored[user])
+                lost += n == 0
+                partial += 0 < n < size
+                duplicated += n > size
+            print(
+                f"{len(acked)} acknowledged batches; lost {lost}, partial {partial}, "
+                f"duplicated {duplicated}; 5xx other than 503: {len(bad)}; scores right after a write: "
+                f"{checked['scores']} ({checked['other_replica']} through the other replica), "
+                f"stale: {checked['stale']}"
+            )
+            assert acked and lost == partial == duplicated == 0 and not bad, bad[:3]
+            assert checked["other_replica"] > 0 and checked["stale"] == 0
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(timeout=30)

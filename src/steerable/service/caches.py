@@ -48,6 +48,12 @@ class ByteLRU:
             self.hits += 1
             return item[0]
 
+    def peek(self, key: Hashable) -> Any:
+        """The value, or None, without counting a hit or a miss or refreshing its recency."""
+        with self._lock:
+            item = self._items.get(key)
+            return None if item is None else item[0]
+
     def put(self, key: Hashable, value: Any, size: int) -> bool:
         """Keep ``value`` (``size`` bytes); False when it is larger than the whole cache (not kept)."""
         size += ENTRY_OVERHEAD

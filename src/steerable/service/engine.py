@@ -43,6 +43,7 @@ from steerable.service.store import PreferenceStore, StoredPair, open_store
 # encoder's activations (~50 MB of peak memory for 1,000 pairs of 384 numbers). With 8 threads on 2 cores,
 # 1, 2 and 4 gave the same throughput (decoding JSON holds the GIL) and peak RSS +0.02, +0.13, +0.26 GB.
 MAX_LOADS = 1
+QUICK_CONTEXT = 100  # inline context pairs that are personalised on the event loop (numeric, SQLite)
 
 
 @dataclass
@@ -185,6 +186,17 @@ class Engine:
         entry = Personalized(stored[-1].id, len(stored), models)
         self._keep(key, entry)
         return entry
+
+    def quick(self, user_id: str | None, num_inline: int) -> bool:
+        """Whether a score or compare needs no read of stored pairs (the user's personalised model is
+        cached, or there is none) and at most a small personalisation of inline pairs."""
+        if num_inline > QUICK_CONTEXT:
+            return False
+        version = self.store.version(user_id) if user_id is not None else 0
+        if version == 0 or num_inline:
+            return version == 0
+        hit = self.cache.peek(("user", user_id))
+        return hit is not None and hit.version == version
 
     def context(self, user_id: str | None, inline: list[dict[str, Any]] | None) -> tuple[list[Any], int]:
         """Personalised models for the stored pairs plus inline ones (newest ``max_context`` kept)."""
