@@ -4,10 +4,12 @@
 text embeddings, each entry with its size in bytes; past ``max_bytes`` the least recently used entries
 are evicted, whatever their kind. :func:`nbytes` measures an entry: the arrays and tensors it holds
 (except storages it shares with the model, such as its weights) plus the Python objects around them.
+:class:`TextEncoder` embeds text options through the model's embedder and keeps the vectors in the cache.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import threading
 import types
@@ -169,8 +171,6 @@ class TextEncoder:
 
     def __call__(self, conversations: list[list[dict[str, str]]]) -> np.ndarray:
         """(N,) conversations -> (N, D) float32."""
-        import hashlib
-
         with self.lock:
             texts = [self.embedder.render(c) for c in conversations]
         keys = [("text", hashlib.sha256(t.encode("utf-8")).digest()) for t in texts]
