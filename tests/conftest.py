@@ -14,6 +14,17 @@ from steerable.training import TrainConfig
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _float_mode_restored():
+    """Tests leave the floating-point mode as they found it: flushing subnormal floats is processor state
+    that hypothesis (schemathesis fuzzing) refuses to run under (steerable.utils.numerics)."""
+    from steerable.utils.numerics import flushing_denormals
+
+    before = flushing_denormals()
+    yield
+    torch.set_flush_denormal(before)
+
+
 @pytest.fixture(scope="session")
 def step_data():
     pop = step_population()

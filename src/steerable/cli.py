@@ -473,11 +473,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``steerable`` console script; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
-    from steerable.utils.numerics import flush_denormals
+    from steerable.utils.numerics import denormals_flushed
 
-    flush_denormals()  # before any worker thread starts (utils/numerics.py)
     try:
-        return int(args.run(args) or 0)
+        with denormals_flushed():  # subnormal floats are slow on CPUs (utils/numerics.py)
+            return int(args.run(args) or 0)
     except SteerableError as exc:
         print(f"steerable: error: {exc}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ from steerable.data.schema import PreferenceData
 from steerable.data.simulate import Population
 from steerable.models.base import PreferenceOutput
 from steerable.utils.modules import eval_mode
-from steerable.utils.numerics import flush_denormals
+from steerable.utils.numerics import denormals_flushed
 
 Predictor = Callable[[TaskBatch], PreferenceOutput]
 
@@ -194,7 +194,6 @@ def evaluate(
     sizes = sorted(set(int(c) for c in context_sizes))
     if num_targets <= sizes[-1]:
         raise ValueError(f"num_targets ({num_targets}) must exceed the largest context size ({sizes[-1]})")
-    flush_denormals()
     device = predictor_device(predictor)
     sampler = TaskSampler(data, sizes[0], sizes[-1], num_targets, seed=seed)
     tasks = sampler.fixed_tasks(sizes, num_tasks, batch_size=batch_size)
@@ -203,6 +202,7 @@ def evaluate(
     bayes_tally = {c: _Tally() for c in sizes}
     total = sum(len(v) for v in tasks.values())
     with (
+        denormals_flushed(),
         eval_mode(predictor),
         tqdm(
             total=total,
@@ -233,10 +233,9 @@ def evaluate(
 def evaluate_batches(predictor: Predictor | torch.nn.Module, batches: list[TaskBatch]) -> dict[str, Any]:
     """Metrics (accuracy, stderr, log loss, ECE, by mode) over ready-made task batches, e.g. tasks
     drawn straight from a pair pool with their own context and target conflict rates."""
-    flush_denormals()
     device = predictor_device(predictor)
     tally = _Tally()
-    with eval_mode(predictor):
+    with denormals_flushed(), eval_mode(predictor):
         for batch in batches:
             tally.add(predictor(batch.to(device)), batch)
     return tally.summary()

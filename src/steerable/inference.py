@@ -29,7 +29,7 @@ from steerable.models.neural_process import (
     VariationalNPBTLRewardModel,
 )
 from steerable.utils.modules import eval_mode
-from steerable.utils.numerics import flush_denormals
+from steerable.utils.numerics import denormals_flushed
 
 
 def _as_tensor(x: Any, dim: int, device: torch.device, name: str) -> Tensor:
@@ -54,7 +54,6 @@ class PersonalizedRewardModel:
     """A reward model conditioned on one user's context pairs (see the module docstring)."""
 
     def __init__(self, model: RewardModel, context_chosen: Any = None, context_rejected: Any = None) -> None:
-        flush_denormals()
         self.model = model
         self.dim = model.config.input_dim
         device = model.device
@@ -68,7 +67,7 @@ class PersonalizedRewardModel:
             if len(chosen) != len(rejected):
                 raise ValueError(f"{len(chosen)} chosen but {len(rejected)} rejected context options")
         self.num_context = len(chosen)
-        with torch.inference_mode(), eval_mode(model):
+        with denormals_flushed(), torch.inference_mode(), eval_mode(model):
             self.latent: Latent | None = model.encode(chosen[None], rejected[None], None)  # no padding
         self._scorer: _FoldedScorer | None = None  # built at the first scoring
 
@@ -93,21 +92,19 @@ class PersonalizedRewardModel:
 
     def rewards(self, options: Any, batch_size: int = 65536) -> np.ndarray:
         """(N, D) options -> (N,) rewards r(y | D^C) (posterior mean for vnp-btl, μ for DPL)."""
-        flush_denormals()
         x = _as_tensor(options, self.dim, self.model.device, "options")
-        with torch.inference_mode(), eval_mode(self.model):
+        with denormals_flushed(), torch.inference_mode(), eval_mode(self.model):
             parts = [self._rewards(chunk).mean(dim=0) for chunk in x.split(batch_size)]
         return torch.cat(parts).cpu().numpy() if parts else np.zeros(0, dtype=np.float32)
 
     def compare(self, options_a: Any, options_b: Any) -> np.ndarray:
         """(N, D) × 2 -> (N,) P(a ≻ b | D^C), with the model's own likelihood (BTL, DPL or the
         Monte Carlo average over z for vnp-btl)."""
-        flush_denormals()
         a = _as_tensor(options_a, self.dim, self.model.device, "options_a")
         b = _as_tensor(options_b, self.dim, self.model.device, "options_b")
         if len(a) != len(b):
             raise ValueError(f"{len(a)} options in a but {len(b)} in b")
-        with torch.inference_mode(), eval_mode(self.model):
+        with denormals_flushed(), torch.inference_mode(), eval_mode(self.model):
             out = self.model.preference(a[None], b[None], self.latent)
         return out.prob_chosen[0].cpu().numpy()
 

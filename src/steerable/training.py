@@ -39,7 +39,7 @@ from steerable.utils.distributed import (
     rng_states,
 )
 from steerable.utils.files import write_json_atomic
-from steerable.utils.numerics import flush_denormals
+from steerable.utils.numerics import denormals_flushed
 
 METRIC_COLUMNS = [
     "step",
@@ -282,6 +282,7 @@ class PreferenceObjective(torch.nn.Module):
         return preference_loss(out.log_prob_chosen, batch.target_mask, out.kl)
 
 
+@denormals_flushed()  # subnormal floats are slow on CPUs (utils/numerics.py)
 def train_reward_model(
     model: RewardModel,
     train_data: PreferenceData,
@@ -307,7 +308,6 @@ def train_reward_model(
         progress: show a progress bar (default: when writing to a terminal).
     """
     config = config or TrainConfig()
-    flush_denormals()  # subnormal floats are slow on CPUs (utils/numerics.py)
     accelerator = make_accelerator(config.device)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     main = accelerator.is_main_process
