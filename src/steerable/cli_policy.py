@@ -25,7 +25,7 @@ def add_train_policy_arguments(p: argparse.ArgumentParser, add_embedder_argument
     add_config_arguments(
         p.add_argument_group("policy"),
         PolicyConfig,
-        skip=("conditional", "input_dim", "max_length", "max_prompt_length"),
+        skip=("conditional", "input_dim", "max_length", "max_prompt_length", "max_response_length"),
     )
     # --cache-dir (the embedder's) is the one cache root, for the prefix cache too
     add_config_arguments(p.add_argument_group("training"), PolicyTrainConfig, skip=("cache_dir",))
@@ -140,7 +140,9 @@ def _run_train_policy(args: argparse.Namespace) -> int:
     torch.manual_seed(train_config.seed)
     base, tokenizer = load_base_model(policy_config.base_model, policy_config.dtype)
     policy = ConditionalPolicy(policy_config, base, tokenizer)
-    encoder = PolicyTokenizer(tokenizer, train_config.max_length, train_config.max_prompt_length)
+    encoder = PolicyTokenizer(
+        tokenizer, train_config.max_length, train_config.max_prompt_length, train_config.max_response_length
+    )
     tokens = encoder.pairs(data)
     if main:
         print(
@@ -193,7 +195,9 @@ def _run_evaluate_policy(args: argparse.Namespace) -> int:
     config = steered.policy.config
     max_length = args.max_length or config.max_length or 256
     prompt_length = config.max_prompt_length if 0 < config.max_prompt_length < max_length else max_length // 2
-    tok = PolicyTokenizer(steered.policy.tokenizer, max_length, prompt_length)
+    tok = PolicyTokenizer(
+        steered.policy.tokenizer, max_length, prompt_length, config.max_response_length or None
+    )
     precision = resolve_precision(args.mixed_precision, device)
     autocast = autocast_context(device, precision)
     evaluator = PolicyEvaluator(steered.policy, tok.pairs(data), vectors, args.beta, autocast=autocast)

@@ -67,6 +67,13 @@ STUDIES: dict[str, Study] = {
         "run_npdpo_hh",
         "NP-DPO vs BTL-DPO on real text, two user types (GPU study; --smoke: a CPU run of minutes)",
     ),
+    "npdpo-real": Study(
+        "npdpo_real",
+        "NPDPORealConfig",
+        "run_npdpo_real",
+        "NP-DPO on SmolLM2-135M and real text on a CPU: Figure 2b with oracles, steered generation, "
+        "best-of-N with NP-BTL (~1 h on 2 cores; --smoke: minutes)",
+    ),
     "active": Study(
         "active",
         "ActiveConfig",

@@ -80,10 +80,21 @@ def train_model(
 
 
 def write_results(out_dir: Path, results: dict[str, Any]) -> Path:
-    """Write ``results.json`` atomically (keys stringified, numpy scalars converted)."""
+    """Write ``results.json`` atomically (keys stringified, numpy scalars converted; an undefined
+    statistic, NaN, becomes null)."""
     path = out_dir / "results.json"
-    write_json_atomic(path, json_ready(results))
+    write_json_atomic(path, _nan_to_none(json_ready(results)))
     return path
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_to_none(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
 
 
 def print_accuracy_table(

@@ -14,30 +14,50 @@ from steerable.experiments.common import console
 
 
 def plot_policy_accuracy(
-    ax: Any, models: dict[str, Any], groups: list[str], sizes: list[int], ylabel: str
+    ax: Any, models: dict[str, Any], groups: list[str], sizes: list[int], ylabel: str, errors: bool = False
 ) -> None:
-    """NP-DPO's implicit-reward accuracy vs N^C per group (solid) and BTL-DPO's (dashed) on one axis."""
+    """NP-DPO's implicit-reward accuracy vs N^C per group (solid; ± 1 standard error with ``errors``),
+    the per-type oracle DPO (dashed, when present) and BTL-DPO (dotted) on one axis."""
     for k, group in enumerate(groups):
         curve = models["np-dpo"]["accuracy"].get(group, {})
         xs = [n for n in sizes if str(n) in curve]
-        ax.plot(xs, [curve[str(n)] for n in xs], "o-", color=f"C{k}", label=f"NP-DPO, {group}")
+        ys = [curve[str(n)] for n in xs]
+        se = models["np-dpo"].get("stderr", {}).get(group, {}) if errors else {}
+        if se:
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=[se.get(str(n), 0.0) for n in xs],
+                fmt="o-",
+                color=f"C{k}",
+                capsize=3,
+                label=f"NP-DPO, {group}",
+            )
+        else:
+            ax.plot(xs, ys, "o-", color=f"C{k}", label=f"NP-DPO, {group}")
+        oracle = models.get("oracle-dpo", {}).get("accuracy", {}).get(group, {}).get("0")
+        if oracle is not None:
+            ax.axhline(oracle, color=f"C{k}", ls="--", label=f"oracle DPO, {group}")
         btl = models["btl-dpo"]["accuracy"].get(group, {}).get("0")
         if btl is not None:
-            ax.axhline(btl, color=f"C{k}", ls="--", label=f"BTL-DPO, {group}")
+            ax.axhline(btl, color=f"C{k}", ls=":", label=f"BTL-DPO, {group}")
     ax.axhline(0.5, color="k", lw=0.6, ls=":")
     ax.set(xlabel="context pairs N^C", ylabel=ylabel, ylim=(0, 1.02))
     ax.legend(fontsize=8)
 
 
-def plot_training(out: Path, filename: str = "npdpo_training.png") -> None:
-    """Training-batch accuracy and chosen / rejected log-ratios from ``out/{np-dpo,btl-dpo}/metrics.csv``."""
+def plot_training(
+    out: Path, filename: str = "npdpo_training.png", runs: list[str] | tuple[str, ...] = ("np-dpo", "btl-dpo")
+) -> None:
+    """Training-batch accuracy and chosen / rejected log-ratios from ``out/<run>/metrics.csv``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for name, color in (("np-dpo", "C2"), ("btl-dpo", "C7")):
+    for k, name in enumerate(runs):
+        color = {"np-dpo": "C2", "btl-dpo": "C7"}.get(name, f"C{k + 3}")
         path = out / name / "metrics.csv"
         if not path.exists():
             continue
@@ -70,6 +90,8 @@ def print_policy_table(title: str, models: dict[str, Any], groups: list[str], si
         table.add_row(
             f"np-dpo / {group}", *[f"{curve[str(n)]:.3f}" if str(n) in curve else "" for n in sizes]
         )
-        btl = models["btl-dpo"]["accuracy"].get(group, {}).get("0", float("nan"))
-        table.add_row(f"btl-dpo / {group}", f"{btl:.3f}", *["" for _ in sizes[1:]])
+        for other in ("oracle-dpo", "btl-dpo"):
+            value = models.get(other, {}).get("accuracy", {}).get(group, {}).get("0")
+            if value is not None:
+                table.add_row(f"{other} / {group}", f"{value:.3f}", *["" for _ in sizes[1:]])
     console.print(table)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,11 +87,19 @@ class TextStudyData:
 
 
 def prepare_text_study(
-    config: TextDataConfig, aspects: list[str] | None, num_modes: int, seed: int, standardize: bool = False
+    config: TextDataConfig,
+    aspects: list[str] | None,
+    num_modes: int,
+    seed: int,
+    standardize: bool = False,
+    transform: Callable[[ResponseTable], ResponseTable] | None = None,
 ) -> TextStudyData:
     """Load, split by prompt, build pools on ``aspects`` (default: the dataset's first ``num_modes``
-    attributes) and embed every response (through the cache)."""
+    attributes) and embed every response (through the cache). ``transform`` rewrites the table first
+    (e.g. answers cut to what a policy sees)."""
     table, kind = load_table(config.data, config.max_prompts, seed)
+    if transform is not None:
+        table = transform(table)
     aspects = list(aspects) if aspects else DEFAULT_MODES[kind][:num_modes]
     if standardize:
         table = standardise(table, aspects)

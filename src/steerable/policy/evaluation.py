@@ -27,7 +27,7 @@ from steerable.objectives import implicit_reward, prediction_hits
 from steerable.policy.model import ConditionalPolicy
 from steerable.policy.sequences import Autocast, PrefixCache, SequenceStore
 from steerable.policy.tokens import TokenizedPairs, pair_batch
-from steerable.utils.numerics import flush_denormals
+from steerable.utils.numerics import denormals_flushed
 
 
 @dataclass
@@ -52,6 +52,28 @@ class TargetMargins:
         return clustered_stderr(hits, np.ones_like(hits), self.user)
 
 
+def tasks_of_mode(tasks: dict[int, list[TaskBatch]], mode: int) -> dict[int, list[TaskBatch]]:
+    """The tasks whose user has hidden mode ``mode`` (e.g. an oracle scored on its own type's users)."""
+    from dataclasses import fields
+
+    out: dict[int, list[TaskBatch]] = {}
+    for nc, batches in tasks.items():
+        kept = []
+        for batch in batches:
+            keep = batch.hidden_mode == mode
+            if keep.any():
+                kept.append(
+                    TaskBatch(
+                        **{
+                            f.name: None if getattr(batch, f.name) is None else getattr(batch, f.name)[keep]
+                            for f in fields(batch)
+                        }
+                    )
+                )
+        out[nc] = kept
+    return out
+
+
 class PolicyEvaluator:
     """Scores held-out users' pairs with a policy (see the module docstring)."""
 
@@ -66,7 +88,6 @@ class PolicyEvaluator:
         autocast: Autocast = nullcontext,
         prefix_cache: PrefixCache | None = None,
     ) -> None:
-        flush_denormals()
         self.policy, self.tokens, self.embedded, self.beta = policy.eval(), tokens, embedded, beta
         self.scored = np.ones(embedded.num_pairs, dtype=bool) if scored is None else np.asarray(scored, bool)
         self.max_pairs, self.autocast = max_pairs_per_forward, autocast
@@ -94,6 +115,7 @@ class PolicyEvaluator:
         return self._margins[key][1]
 
     @torch.no_grad()
+    @denormals_flushed()
     def _margins_of(self, batches: list[TaskBatch], swap_context: bool) -> TargetMargins:
         device = self.policy.device
         out_margin, out_mode, out_task, out_user, out_pair = [], [], [], [], []

@@ -21,6 +21,7 @@ from torch import Tensor
 from steerable.data.text import Message, TextRowBuilder
 from steerable.policy.model import ConditionalPolicy
 from steerable.policy.tokens import PolicyTokenizer
+from steerable.utils.numerics import denormals_flushed
 
 
 def interpolate(z_a: Tensor, z_b: Tensor, alpha: float | list[float]) -> Tensor:
@@ -32,6 +33,7 @@ def interpolate(z_a: Tensor, z_b: Tensor, alpha: float | list[float]) -> Tensor:
 
 
 @torch.no_grad()
+@denormals_flushed()
 def generate(
     policy: ConditionalPolicy,
     prompts: list[str] | list[list[Message]],

@@ -74,6 +74,7 @@ class PolicyConfig:
     dtype: str = option("float32", "base model weights: float32 | bfloat16 | float16", choices=list(DTYPES))
     max_length: int = option(0, "tokens per prompt + response it was trained on (set by the trainer)")
     max_prompt_length: int = option(0, "tokens per prompt it was trained on (set by the trainer)")
+    max_response_length: int = option(0, "tokens per response it was trained on (set by the trainer; 0: any)")
 
     def __post_init__(self) -> None:
         if self.lora_r < 0 or self.lora_alpha <= 0:

@@ -5,7 +5,8 @@ header) when the tokenizer has a template; otherwise its messages' contents are 
 followed by a blank line, with the tokenizer's own special tokens (e.g. BOS). The response is the
 completion's text followed by the EOS token (SEP for tokenizers without one), tokenized on its own, so
 the boundary between prompt and response is exact. Prompts are cut from the left and responses from the
-right to fit the limits; cuts are counted.
+right to fit the limits (``max_length`` for both, ``max_prompt_length``, and ``max_response_length``, as
+TRL's ``max_completion_length``); a cut response has no EOS (it goes on). Cuts are counted.
 """
 
 from __future__ import annotations
@@ -33,13 +34,22 @@ class TokenizedPairs:
 class PolicyTokenizer:
     """Turns prompts and responses into ids (see the module docstring)."""
 
-    def __init__(self, tokenizer: Any, max_length: int = 256, max_prompt_length: int = 128) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_length: int = 256,
+        max_prompt_length: int = 128,
+        max_response_length: int | None = None,
+    ) -> None:
         if max_prompt_length >= max_length:
             raise ValueError(
                 f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})"
             )
+        if max_response_length is not None and max_response_length < 1:
+            raise ValueError(f"max_response_length must be >= 1, got {max_response_length}")
         self.tokenizer = tokenizer
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        self.max_response_length = max_response_length
         # a response ends with EOS; encoder-style tokenizers (e.g. BERT's) have [SEP] instead
         self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
         if self.eos_id is None:
@@ -87,6 +97,8 @@ class PolicyTokenizer:
         for p, c, r in zip(data.prompts, data.chosen, data.rejected, strict=True):
             ids = self.prompt_ids(p)
             room = self.max_length - len(ids)
+            if self.max_response_length is not None:
+                room = min(room, self.max_response_length)
             prompts.append(ids)
             chosen.append(self.response_ids(c, room))
             rejected.append(self.response_ids(r, room))

@@ -53,7 +53,7 @@ from steerable.utils.distributed import (
     rng_states,
 )
 from steerable.utils.files import write_json_atomic
-from steerable.utils.numerics import flush_denormals
+from steerable.utils.numerics import denormals_flushed
 
 METRICS = [
     "step",
@@ -93,6 +93,9 @@ class PolicyTrainConfig:
     grad_accum: int = option(1, "gradient accumulation steps per optimizer step")
     max_length: int = option(256, "tokens per prompt + response")
     max_prompt_length: int = option(128, "tokens per prompt (cut from the left)")
+    max_response_length: int | None = option(
+        None, "tokens per response (cut from the right; a cut response has no end token); none: what fits"
+    )
     device: str = option(
         "auto",
         "auto (a GPU when there is one), cpu or cuda (under a launcher: each process's GPU)",
@@ -198,6 +201,7 @@ def disable_dropout(module: torch.nn.Module) -> None:
             m.attention_dropout = 0.0
 
 
+@denormals_flushed()  # bf16 autocast on a CPU ran ~6x slower on subnormal floats
 def train_policy(
     policy: ConditionalPolicy,
     tokens: TokenizedPairs,
@@ -215,11 +219,11 @@ def train_policy(
     from tqdm.auto import tqdm
 
     config = config or PolicyTrainConfig()
-    flush_denormals()  # bf16 autocast on a CPU runs ~6x slower on subnormal floats
     if len(tokens.chosen) != embedded.num_pairs:
         raise ConfigError(f"{len(tokens.chosen)} tokenized pairs but {embedded.num_pairs} embedded pairs")
     out = Path(out_dir) if out_dir is not None else None
     policy.config.max_length, policy.config.max_prompt_length = config.max_length, config.max_prompt_length
+    policy.config.max_response_length = config.max_response_length or 0
     accelerator = make_accelerator(config.device, config.mixed_precision, config.grad_accum)
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     main = accelerator.is_main_process

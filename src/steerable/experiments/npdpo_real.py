@@ -1,0 +1,606 @@
+"""NP-DPO steering a real pretrained LM on real text, on a CPU (paper Figure 2b, measured end to end).
+
+Policy: SmolLM2-135M-Instruct. Users of two types from the offline just-eval benchmark, ``hedging``
+(prefers the answer with more hedges and caveats per 100 words) and ``structure`` (prefers the answer laid
+out in list items and headings), each answering only pairs on which the two types disagree (100 %
+conflicting), split by prompt; the test users answer held-out prompts. Both attributes show from an
+answer's first lines, so they survive the token budget the policy trains on (``response_tokens``; a cut
+answer has no end token); "long vs short" would survive only through the end-of-answer token. The users
+judge the answer as the policy sees it: attributes are measured on the first ``response_tokens`` tokens.
+
+Trained with one trainer (``blocks last:K``: LoRA and FiLM on the last K blocks, the first blocks' hidden
+states cached once per sequence, bf16 autocast): NP-DPO on every training user, BTL-DPO on the same
+pairs without context, and one oracle DPO per type on that type's users only. Reported on held-out users
+and prompts, with standard errors clustered by user:
+
+* implicit-reward accuracy per type vs N^C for NP-DPO, BTL-DPO and the oracles (Figure 2b), and the
+  label-swap flip rate vs N^C;
+* generation on held-out prompts, for users of each type (their context pairs), with no context (the
+  trained empty-set embedding, π(y | x, ∅)) and from the base model: each type's attribute (mean ±
+  standard error over prompts) and fluency, the base model's NLL per token of the answers;
+* best-of-N with a text NP-BTL (trained on the same users' pairs) over base-model samples, conditioned on
+  the same users' context pairs: the steering NP-DPO has to beat.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from steerable.data.schema import PreferenceData
+from steerable.data.text import TextPreferences
+from steerable.experiments.common import begin_study, child_seeds, console, train_model, write_results
+from steerable.experiments.policy_report import plot_training, print_policy_table
+from steerable.experiments.text_common import TextDataConfig, mode_population, prepare_text_study
+from steerable.policy.best_of_n import sample_candidates, score_candidates
+from steerable.policy.evaluation import PolicyEvaluator, tasks_of_mode
+from steerable.policy.generation import SteeredPolicy, generate
+from steerable.policy.model import ConditionalPolicy, PolicyConfig, load_base_model
+from steerable.policy.sequences import autocast_context, prefix_cache_for
+from steerable.policy.tokens import PolicyTokenizer, collate
+from steerable.policy.trainer import PolicyTrainConfig, train_policy
+from steerable.text.embedder import Embedder, EmbedderConfig, save_embedder_config
+from steerable.text.just_eval import ATTRIBUTES, response_attributes
+from steerable.text.responses import ResponseTable, simulate_pool_users
+from steerable.training import TrainConfig
+from steerable.utils.config import option
+from steerable.utils.distributed import is_main_process
+
+
+@dataclass
+class NPDPORealConfig(TextDataConfig):
+    """Settings of ``steerable experiment npdpo-real`` (defaults: the CPU study, ~1 h on 2 cores)."""
+
+    smoke: bool = option(False, "a run of minutes that shows the path works (far too small to learn)")
+    base_model: str = option("SmolLM2-135M-Instruct", "policy LM: folder, hub name or SmolLM2-135M-Instruct")
+    types: list[str] = option(["hedging", "structure"], "the two attributes that define the user types")
+    train_users: int = option(96, "simulated training users (half of each type)")
+    val_users: int = option(16, "simulated validation users (NP-BTL's model selection)")
+    test_users: int = option(64, "simulated held-out users, on held-out prompts")
+    pairs_per_user: int = option(24, "answered pairs per user (all conflicting)")
+    blocks: str = option("last:4", "blocks with LoRA and FiLM (all: the GPU path)")
+    lora_r: int = option(16, "LoRA rank (alpha = 2 r)")
+    steps: int = option(300, "training steps of every policy")
+    users_per_batch: int = option(4, "users per step")
+    targets_per_user: int = option(2, "target pairs per user per step")
+    max_context: int = option(10, "largest N^C while training NP-DPO")
+    policy_learning_rate: float = option(5e-4, "policy learning rate (AdamW, cosine)")
+    beta: float = option(0.1, "DPO β")
+    nll_weight: float = option(0.2, "chosen-NLL weight (keeps generation fluent)")
+    prompt_tokens: int = option(64, "prompt budget (cut from the left)")
+    response_tokens: int = option(128, "answer budget: answers are cut here and judged on what is left")
+    mixed_precision: str = option(
+        "bf16", "autocast of policy and reference: no | bf16", choices=["no", "bf16"]
+    )
+    reward_steps: int = option(1500, "training steps of the NP-BTL that picks the best of N")
+    context_sizes: list[int] = option([0, 1, 3, 5, 10], "N^C values evaluated")
+    eval_tasks: int = option(96, "evaluation tasks per N^C (users cycle)")
+    eval_targets: int = option(4, "scored pairs per evaluation task")
+    generation_prompts: int = option(32, "held-out prompts answered per condition (0: no generation)")
+    generation_context: int = option(10, "context pairs of each generating user")
+    best_of: int = option(8, "candidates per prompt for best-of-N (0: skip)")
+    temperature: float = option(0.7, "sampling temperature")
+
+    def __post_init__(self) -> None:
+        if len(self.types) != 2:
+            raise ValueError(f"npdpo-real needs two user types, got {self.types}")
+        if self.smoke:
+            values = dict(
+                max_prompts=150,
+                train_users=8,
+                val_users=4,
+                test_users=4,
+                pairs_per_user=8,
+                steps=3,
+                users_per_batch=2,
+                targets_per_user=1,
+                max_context=3,
+                response_tokens=64,
+                prompt_tokens=32,
+                reward_steps=20,
+                context_sizes=[0, 3],
+                eval_tasks=4,
+                eval_targets=2,
+                generation_prompts=2,
+                generation_context=3,
+                best_of=2,
+            )
+            for key, value in values.items():
+                setattr(self, key, value)
+
+
+def budget_table(table: ResponseTable, tokenizer: Any, tokens: int) -> ResponseTable:
+    """The table as the policy sees it: every answer cut to its first ``tokens`` tokens, and the
+    benchmark's attributes measured on what is left."""
+    cut = []
+    for text in table.responses:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        cut.append(text if len(ids) <= tokens else tokenizer.decode(ids[:tokens]))
+    attributes = table.attributes.copy()
+    columns = [table.attribute_names.index(a) for a in ATTRIBUTES[:3]]  # length, hedging, structure
+    attributes[:, columns] = np.array([response_attributes(t) for t in cut])
+    return ResponseTable(
+        table.prompts,
+        table.prompt_of,
+        cut,
+        attributes,
+        table.attribute_names,
+        f"{table.source}, answers cut at {tokens} tokens",
+        table.response_info,
+    )
+
+
+def _pairs_text(data: PreferenceData, table: ResponseTable, responses: list[str]) -> TextPreferences:
+    """Text pairs of users whose options are response numbers; ``responses`` are the whole answers (the
+    tokenizer cuts them, so a cut answer has no end token)."""
+    chosen, rejected = data.chosen[:, 0].astype(np.int64), data.rejected[:, 0].astype(np.int64)
+    return TextPreferences(
+        user_ids=data.user_ids,
+        prompts=[[{"role": "user", "content": table.prompts[table.prompt_of[c]]}] for c in chosen],
+        chosen=[[{"role": "assistant", "content": responses[c]}] for c in chosen],
+        rejected=[[{"role": "assistant", "content": responses[r]}] for r in rejected],
+        hidden_mode=data.hidden_mode,
+        source=data.source,
+    )
+
+
+def _simulate(study: Any, config: NPDPORealConfig, seed: int, responses: list[str]) -> dict[str, Any]:
+    """Users of each split: their pairs as text (whole answers), as embeddings and as response numbers."""
+    population = mode_population(2)
+    numbers = np.arange(len(study.table.responses), dtype=np.float32)[:, None]
+    sizes = {"train": config.train_users, "val": config.val_users, "test": config.test_users}
+    out = {}
+    for (split, users), s in zip(sizes.items(), child_seeds(seed, 3), strict=True):
+        picks = simulate_pool_users(
+            study.pools[split],
+            numbers,
+            population,
+            users,
+            config.pairs_per_user,
+            1.0,
+            s,
+            user_prefix=f"{split}-",
+        )
+        index_c, index_r = picks.chosen[:, 0].astype(np.int64), picks.rejected[:, 0].astype(np.int64)
+        vectors = PreferenceData(
+            user_ids=picks.user_ids,
+            chosen=study.embeddings[index_c],
+            rejected=study.embeddings[index_r],
+            prompts=picks.prompts,
+            hidden_mode=picks.hidden_mode,
+            source=picks.source,
+        )
+        out[split] = (_pairs_text(picks, study.table, responses), vectors, picks)
+    return out
+
+
+def _rows_of_mode(data: Any, mode: int) -> np.ndarray:
+    return np.flatnonzero(np.asarray(data.hidden_mode) == mode)
+
+
+def _select_text(data: TextPreferences, rows: np.ndarray) -> TextPreferences:
+    return TextPreferences(
+        user_ids=data.user_ids[rows],
+        prompts=[data.prompts[i] for i in rows],
+        chosen=[data.chosen[i] for i in rows],
+        rejected=[data.rejected[i] for i in rows],
+        hidden_mode=None if data.hidden_mode is None else data.hidden_mode[rows],
+        source=data.source,
+    )
+
+
+def run_npdpo_real(
+    out_dir: str | Path,
+    seed: int = 0,
+    config: NPDPORealConfig | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the study; writes ``results.json``, ``npdpo_real.png``, ``generation.png``, the training curves
+    and every policy under ``out_dir``."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from steerable.text.models import resolve_model
+
+    config = config or NPDPORealConfig()
+    main = is_main_process()
+    out = begin_study(out_dir, "npdpo-real", "NP-DPO steering a real LM on real text (CPU)", seed, config)
+    if overwrite and main:
+        for name in ("np-dpo", "btl-dpo", *(f"oracle-{t}" for t in config.types), "np-btl"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    s_data, s_users, s_eval, s_gen, s_model = child_seeds(seed, 5)
+    names = list(config.types)
+
+    # data: answers cut to the budget, users of two types, embeddings of what they judged
+    t = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(config.base_model).path)
+    whole: list[str] = []
+
+    def transform(table: ResponseTable) -> ResponseTable:
+        whole.extend(table.responses)
+        return budget_table(table, tokenizer, config.response_tokens)
+
+    study = prepare_text_study(config, names, 2, s_data, transform=transform)
+    timings["data_and_embedding_s"] = time.perf_counter() - t
+    splits = _simulate(study, config, s_users, whole)
+    (train_text, train_vec, _), (_, val_vec, _), (test_text, test_vec, test_picks) = (
+        splits["train"],
+        splits["val"],
+        splits["test"],
+    )
+    console.print(
+        f"  users: {config.train_users} train, {config.test_users} test (held-out prompts); types {names}; "
+        f"answers cut at {config.response_tokens} tokens"
+    )
+    encoder = PolicyTokenizer(
+        tokenizer, config.prompt_tokens + config.response_tokens, config.prompt_tokens, config.response_tokens
+    )
+    train_tokens = encoder.pairs(train_text)
+
+    # the policies: one trainer, four datasets
+    runs: dict[str, tuple[bool, np.ndarray]] = {
+        "np-dpo": (True, np.arange(train_vec.num_pairs)),
+        "btl-dpo": (False, np.arange(train_vec.num_pairs)),
+    }
+    for mode, name in enumerate(names):
+        runs[f"oracle-{name}"] = (False, _rows_of_mode(train_vec, mode))
+    policies: dict[str, ConditionalPolicy] = {}
+    training: dict[str, Any] = {}
+    for name, (conditional, rows) in runs.items():
+        t = time.perf_counter()
+        policies[name], training[name] = _train(
+            name, conditional, rows, train_tokens, train_vec, config, out, seed, progress
+        )
+        timings[f"{name}_train_s"] = time.perf_counter() - t
+    if main:
+        save_embedder_config(_embedder_config(config), out / "np-dpo")
+
+    # implicit-reward accuracy on held-out users and prompts
+    t = time.perf_counter()
+    device = policies["np-dpo"].device
+    autocast = autocast_context(device, config.mixed_precision)
+    test_tokens = encoder.pairs(test_text)
+    sizes = sorted(set(config.context_sizes))
+
+    def evaluator(policy: ConditionalPolicy) -> PolicyEvaluator:
+        cache = (
+            prefix_cache_for(policy, config.mixed_precision, config.cache_dir)
+            if policy.prefix_blocks
+            else None
+        )
+        return PolicyEvaluator(
+            policy, test_tokens, test_vec, config.beta, autocast=autocast, prefix_cache=cache
+        )
+
+    np_eval = evaluator(policies["np-dpo"])
+    tasks = np_eval.tasks(sizes, config.eval_tasks, config.eval_targets, s_eval)
+    tables = {"np-dpo": np_eval.accuracy_table(tasks, names)}
+    flips = {str(n): np_eval.label_swap_flip_rate(tasks[n]) for n in sizes if n > 0}
+    tables["btl-dpo"] = evaluator(policies["btl-dpo"]).accuracy_table({0: tasks[sizes[0]]}, names)
+    tables["oracle-dpo"] = {}
+    for mode, name in enumerate(names):
+        own = tasks_of_mode({0: tasks[sizes[0]]}, mode)
+        tables["oracle-dpo"].update(
+            {
+                k: v
+                for k, v in evaluator(policies[f"oracle-{name}"]).accuracy_table(own, names).items()
+                if k == name
+            }
+        )
+    timings["evaluation_s"] = time.perf_counter() - t
+
+    # generation: NP-DPO per user type, no context, base; best-of-N with NP-BTL
+    t = time.perf_counter()
+    generation: dict[str, Any] = {}
+    if config.generation_prompts > 0:
+        reward_model = None
+        if config.best_of > 0:
+            reward_model = _reward_model(train_vec, val_vec, config, out / "np-btl", s_model, overwrite)
+        generation = _generation(
+            policies["np-dpo"], reward_model, study, test_vec, test_picks, names, config, s_gen
+        )
+    timings["generation_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - started
+
+    models = {
+        name: {
+            "accuracy": {
+                m: {nc: v["accuracy"] for nc, v in row.items()} for m, row in table.items() if m != "all"
+            },
+            "stderr": {
+                m: {nc: v["stderr"] for nc, v in row.items()} for m, row in table.items() if m != "all"
+            },
+        }
+        for name, table in tables.items()
+    }
+    results = {
+        "experiment": "npdpo-real",
+        "seed": seed,
+        "smoke": config.smoke,
+        "types": names,
+        "base_model": config.base_model,
+        "models": models,
+        "num_scored": {
+            name: {m: {nc: v["num_scored"] for nc, v in row.items()} for m, row in table.items()}
+            for name, table in tables.items()
+        },
+        "label_swap_flip_rate_by_context": flips,
+        "generation": generation,
+        "training": training,
+        "data": {
+            "table": study.table.source,
+            "pairs": {split: len(pool) for split, pool in study.pools.items()},
+            "train_pairs": int(train_vec.num_pairs),
+            "test_pairs": int(test_vec.num_pairs),
+            "sequences_cut": int(train_tokens.truncated),
+        },
+        "embedding": study.embedding,
+        "timings": timings,
+    }
+    if main:
+        write_results(out, results)
+        _plots(out, results, sizes)
+    _print(results, sizes)
+    return results
+
+
+def _embedder_config(config: NPDPORealConfig) -> EmbedderConfig:
+    return EmbedderConfig(
+        model=config.embedder,
+        max_length=config.max_length,
+        long_texts=config.long_texts,
+        cache_dir=config.cache_dir,
+    )
+
+
+def _train(
+    name: str,
+    conditional: bool,
+    rows: np.ndarray,
+    tokens: Any,
+    vectors: PreferenceData,
+    config: NPDPORealConfig,
+    out: Path,
+    seed: int,
+    progress: bool,
+) -> tuple[ConditionalPolicy, dict[str, Any]]:
+    """One policy trained by the common trainer (resumes from ``out/name`` if a run is there)."""
+    from steerable.policy.tokens import TokenizedPairs
+
+    base, tokenizer = load_base_model(config.base_model)
+    policy_config = PolicyConfig(
+        base_model=config.base_model,
+        conditional=conditional,
+        lora_r=config.lora_r,
+        lora_alpha=2 * config.lora_r,
+        blocks=config.blocks,
+        input_dim=vectors.dim if conditional else 0,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        policy = ConditionalPolicy(policy_config, base, tokenizer)
+    subset = TokenizedPairs(
+        [tokens.prompt[i] for i in rows], [tokens.chosen[i] for i in rows], [tokens.rejected[i] for i in rows]
+    )
+    train_config = PolicyTrainConfig(
+        max_steps=config.steps,
+        users_per_batch=config.users_per_batch,
+        targets_per_user=config.targets_per_user,
+        max_context=config.max_context if conditional else 0,
+        learning_rate=config.policy_learning_rate,
+        warmup_steps=min(20, max(1, config.steps // 10)),
+        beta=config.beta,
+        nll_weight=config.nll_weight,
+        max_length=config.prompt_tokens + config.response_tokens,
+        max_prompt_length=config.prompt_tokens,
+        max_response_length=config.response_tokens,
+        mixed_precision=config.mixed_precision,
+        cache_dir=config.cache_dir,
+        save_every=max(1, min(50, config.steps)),
+        log_every=max(1, min(10, config.steps // 4)),
+        seed=seed,
+    )
+    summary = train_policy(policy, subset, vectors.select_rows(rows), train_config, out / name, progress)
+    final = summary["final"]
+    per_step = summary["seconds"] / max(1, summary["steps"] - summary["resumed_from"])
+    console.print(
+        f"  trained [bold]{name}[/bold] on {len(rows)} pairs: {summary['steps']} steps, "
+        f"{summary['seconds']:.0f} s ({per_step:.2f} s/step); last step: acc "
+        f"{final.get('rewards/accuracies', float('nan')):.2f}, log-ratio chosen "
+        f"{final.get('logratio/chosen', float('nan')):+.2f} / rejected "
+        f"{final.get('logratio/rejected', float('nan')):+.2f}"
+    )
+    return policy.eval(), {
+        "pairs": len(rows),
+        "steps": summary["steps"],
+        "seconds": summary["seconds"],
+        "final": final,
+        "timings": summary["timings"],
+    }
+
+
+def _reward_model(
+    train: PreferenceData, val: PreferenceData, config: NPDPORealConfig, out: Path, seed: int, overwrite: bool
+) -> Any:
+    """The text NP-BTL that picks the best of N (as ``steerable train`` would train it on the same pairs)."""
+    train_config = TrainConfig(
+        max_steps=config.reward_steps, learning_rate=config.learning_rate, max_context=10, seed=seed
+    )
+    if config.smoke:
+        train_config = TrainConfig(
+            max_steps=config.reward_steps,
+            max_context=3,
+            num_targets=8,
+            eval_every=10,
+            val_tasks=16,
+            seed=seed,
+        )
+    result = train_model("np-btl", train, val, out, train_config, overwrite=overwrite)
+    if is_main_process():
+        save_embedder_config(_embedder_config(config), out)
+    return result.model
+
+
+def _generation(
+    policy: ConditionalPolicy,
+    reward_model: Any,
+    study: Any,
+    test_vec: PreferenceData,
+    test_picks: PreferenceData,
+    names: list[str],
+    config: NPDPORealConfig,
+    seed: int,
+) -> dict[str, Any]:
+    """Answers to held-out prompts per condition; each type's attribute and the base model's NLL per
+    token, mean ± standard error over prompts; a few samples per condition."""
+    rng = np.random.default_rng(seed)
+    table = study.table
+    test_prompts = sorted({table.prompts[table.prompt_of[int(c)]] for c in test_picks.chosen[:, 0]})
+    prompts = [test_prompts[i] for i in rng.permutation(len(test_prompts))[: config.generation_prompts]]
+    device = policy.device
+    sampling = {"max_new_tokens": config.response_tokens, "temperature": config.temperature, "top_p": 0.95}
+    chosen, rejected = np.asarray(test_vec.chosen), np.asarray(test_vec.rejected)
+    texts: dict[str, list[str]] = {}
+    contexts: dict[str, list[np.ndarray]] = {}
+    for mode, name in enumerate(names):  # prompt i is answered for the i-th user of the type (cycling)
+        users = sorted({u for u, m in zip(test_vec.user_ids, test_vec.hidden_mode, strict=True) if m == mode})
+        rows = [
+            np.flatnonzero(test_vec.user_ids == users[i % len(users)])[: config.generation_context]
+            for i in range(len(prompts))
+        ]
+        contexts[name] = rows
+        with torch.no_grad():
+            mask = torch.ones(len(prompts), len(rows[0]), dtype=torch.bool, device=device)
+            z = policy.encode(
+                torch.from_numpy(np.stack([chosen[r] for r in rows])).to(device),
+                torch.from_numpy(np.stack([rejected[r] for r in rows])).to(device),
+                mask,
+            )
+        texts[f"user:{name}"] = generate(policy, prompts, z, seed=seed, **sampling)
+    empty = SteeredPolicy(policy).user_embedding([])  # the trained empty-set embedding: π(y | x, ∅)
+    texts["no-context"] = generate(policy, prompts, empty, seed=seed, **sampling)
+    best_of = max(1, config.best_of)
+    with policy.reference():
+        candidates = sample_candidates(policy, prompts, best_of, None, seed=seed, **sampling)
+    texts["base"] = [c[0] for c in candidates]
+    best_index: dict[str, list[int]] = {}
+    if reward_model is not None and config.best_of > 0:
+        embedder = Embedder(_embedder_config(config))
+        for name in names:
+            users = [reward_model.personalize(chosen[r], rejected[r]) for r in contexts[name]]
+            rewards = score_candidates(users, embedder, prompts, candidates)
+            best_index[name] = rewards.argmax(axis=1).tolist()
+            texts[f"best-of-{config.best_of}:{name}"] = [
+                c[i] for c, i in zip(candidates, best_index[name], strict=True)
+            ]
+    nll = _base_nll(policy, prompts, texts, config)
+    out: dict[str, Any] = {
+        "prompts": len(prompts),
+        "context_pairs": config.generation_context,
+        "sampling": sampling,
+    }
+    for label, answers in texts.items():
+        measured = np.array([response_attributes(a) for a in answers])  # (P, 3): length, hedging, structure
+        stats = {"words": _mean_se(measured[:, 0])}
+        for name in names:
+            stats[name] = _mean_se(measured[:, ATTRIBUTES.index(name)])
+        stats["nll_per_token"] = _mean_se(nll[label])
+        stats["values"] = {name: measured[:, ATTRIBUTES.index(name)].tolist() for name in names}
+        out[label] = stats
+    out["samples"] = {
+        label: [{"prompt": p, "response": a} for p, a in list(zip(prompts, answers, strict=True))[:3]]
+        for label, answers in texts.items()
+    }
+    return out
+
+
+def _mean_se(values: np.ndarray) -> dict[str, float]:
+    values = np.asarray(values, dtype=np.float64)
+    se = float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else float("nan")
+    return {"mean": float(values.mean()), "stderr": se}
+
+
+@torch.no_grad()
+def _base_nll(
+    policy: ConditionalPolicy, prompts: list[str], texts: dict[str, list[str]], config: NPDPORealConfig
+) -> dict[str, np.ndarray]:
+    """The base model's NLL per token of every answer given its prompt (the answer's end token counts
+    when the answer ended)."""
+    encoder = PolicyTokenizer(
+        policy.tokenizer,
+        config.prompt_tokens + config.response_tokens,
+        config.prompt_tokens,
+        config.response_tokens,
+    )
+    prompt_ids = [encoder.prompt_ids(p) for p in prompts]
+    out = {}
+    for label, answers in texts.items():
+        response_ids = [encoder.response_ids(a, config.response_tokens) for a in answers]
+        values = []
+        for start in range(0, len(prompts), 16):
+            ids, attention, response = collate(
+                prompt_ids[start : start + 16],
+                response_ids[start : start + 16],
+                encoder.pad_id,
+                policy.device,
+            )
+            logps = policy.reference_log_probs(ids, attention, response)
+            values.append((-logps / response[:, 1:].sum(dim=1).clamp(min=1)).cpu().numpy())
+        out[label] = np.concatenate(values)
+    return out
+
+
+def _plots(out: Path, results: dict[str, Any], sizes: list[int]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from steerable.experiments.policy_report import plot_policy_accuracy
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    plot_policy_accuracy(
+        ax, results["models"], results["types"], sizes, "implicit-reward accuracy", errors=True
+    )
+    ax.set_title(
+        "NP-DPO on SmolLM2-135M, held-out users and prompts" + (" (smoke)" if results["smoke"] else "")
+    )
+    fig.tight_layout()
+    fig.savefig(out / "npdpo_real.png", dpi=120)
+    plt.close(fig)
+    generation = results["generation"]
+    if generation:
+        labels = [k for k in generation if isinstance(generation[k], dict) and "values" in generation[k]]
+        fig, axes = plt.subplots(1, len(results["types"]), figsize=(5 * len(results["types"]), 3.8))
+        for ax, name in zip(np.atleast_1d(axes), results["types"], strict=True):
+            ax.boxplot([generation[k]["values"][name] for k in labels], showmeans=True)
+            ax.set_xticks(range(1, len(labels) + 1), labels, rotation=30, ha="right", fontsize=8)
+            ax.set_ylabel(f"{name} of generated answers")
+        fig.tight_layout()
+        fig.savefig(out / "generation.png", dpi=120)
+        plt.close(fig)
+    plot_training(out, runs=["np-dpo", "btl-dpo", *(f"oracle-{t}" for t in results["types"])])
+
+
+def _print(results: dict[str, Any], sizes: list[int]) -> None:
+    print_policy_table(
+        "implicit-reward accuracy, held-out users and prompts", results["models"], results["types"], sizes
+    )
+    flips = results["label_swap_flip_rate_by_context"]
+    console.print("label swap flip rate: " + ", ".join(f"N^C={k}: {v:.2f}" for k, v in flips.items()))
+    for label, stats in results["generation"].items():
+        if isinstance(stats, dict) and "nll_per_token" in stats:
+            parts = [f"{t} {stats[t]['mean']:.2f} ± {stats[t]['stderr']:.2f}" for t in results["types"]]
+            console.print(
+                f"  {label:>22}: " + ", ".join(parts) + f"; NLL/token {stats['nll_per_token']['mean']:.2f}"
+            )
+    console.print(f"total {results['timings']['total_s']:.0f} s")
