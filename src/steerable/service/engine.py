@@ -175,7 +175,7 @@ class Engine:
         if hit is not None and hit.version == version:
             return hit
         with self._loads:
-            hit = self.cache.get(key)  # loaded by a concurrent request meanwhile?
+            hit = self.cache.peek(key)  # loaded by a concurrent request meanwhile?
             if hit is not None and hit.version == version:
                 return hit
             stored = self.store.pairs(user_id, last=self.limits.max_context)
@@ -266,36 +266,38 @@ class Engine:
                 f"'uncertainty' or 'random'.",
                 ("body", "strategy"),
             )
-        answered: set[frozenset[bytes]] = set()
-        with self._loads:
-            stored = self.store.pairs(user_id, last=self.limits.max_context)
-            chosen, rejected = self.stored_vectors(
-                stored, lambda p: answered.add(self.pair_key(p["chosen"], p["rejected"], p.get("prompt")))
-            )
         keys = [self.pair_key(c["a"], c["b"], c.get("prompt")) for c in candidates]
-        excluded = [i for i, key in enumerate(keys) if key in answered]
-        if len(excluded) == len(candidates):
-            raise APIError(422, "the user has already answered every candidate pair", ("body", "candidates"))
         prompts = [c.get("prompt") for c in candidates]
         a = self.vectors([c["a"] for c in candidates], prompts)
         b = self.vectors([c["b"] for c in candidates], prompts)
         if seed is None:
             with self._rng_lock:
                 seed = int(self._rng.integers(2**63 - 1))
-        has_context = len(chosen) > 0
-        try:
-            query = select_next(
-                self.models if len(self.models) > 1 else self.models[0],
-                a,
-                b,
-                strategy=strategy,
-                rng=seed,
-                context_chosen=chosen if has_context else None,
-                context_rejected=rejected if has_context else None,
-                exclude=excluded,
+        answered: set[frozenset[bytes]] = set()
+        with self._loads:  # reading the pairs and conditioning on them: the memory-heavy part
+            stored = self.store.pairs(user_id, last=self.limits.max_context)
+            chosen, rejected = self.stored_vectors(
+                stored, lambda p: answered.add(self.pair_key(p["chosen"], p["rejected"], p.get("prompt")))
             )
-        except ConfigError as exc:
-            raise APIError(422, str(exc), ("body", "candidates")) from None
+            excluded = [i for i, key in enumerate(keys) if key in answered]
+            if len(excluded) == len(candidates):
+                raise APIError(
+                    422, "the user has already answered every candidate pair", ("body", "candidates")
+                )
+            has_context = len(chosen) > 0
+            try:
+                query = select_next(
+                    self.models if len(self.models) > 1 else self.models[0],
+                    a,
+                    b,
+                    strategy=strategy,
+                    rng=seed,
+                    context_chosen=chosen if has_context else None,
+                    context_rejected=rejected if has_context else None,
+                    exclude=excluded,
+                )
+            except ConfigError as exc:
+                raise APIError(422, str(exc), ("body", "candidates")) from None
         scores = [None if math.isnan(s) else float(s) for s in query.scores.tolist()]
         if any(s is not None and not math.isfinite(s) for s in scores):
             raise APIError(
