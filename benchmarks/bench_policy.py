@@ -1,21 +1,25 @@
-"""NP-DPO benchmark: one training step of NP-DPO vs a plain LoRA-DPO step, time and peak memory.
+"""NP-DPO benchmark: wall time per trained preference pair of every path, and peak memory, in one run.
 
-Setting (issue #4): SmolLM2-135M-Instruct (offline copy), 2 preference pairs × 128 tokens per step
-(64 prompt + 64 response tokens; 4 sequences), LoRA r=16 on every linear layer, AdamW. NP-DPO adds the
-context encoder over 4 context pairs per user (384-d embeddings, as MiniLM gives), the FiLM hypernetwork
-and its hooks on all 30 blocks; LoRA-DPO is the same trainer with ``conditional=False`` (BTL-DPO).
-Both steps are the trainer's own code: :func:`steerable.policy.trainer.step_terms` (reference pass with
-adapters and FiLM off, then the policy pass) and :func:`steerable.objectives.dpo_loss`.
+Setting: SmolLM2-135M-Instruct (offline copy), 2 preference pairs per step, 64 prompt + 192 response
+tokens per sequence (4 sequences of 256 tokens), LoRA r=16 on the linear layers of the adapted blocks,
+AdamW; NP-DPO with a context encoder over 4 context pairs per user (384-d embeddings, as MiniLM gives) and
+FiLM on the adapted blocks. Every step is the trainer's own code (:func:`steerable.policy.trainer.step_terms`
+and :func:`steerable.objectives.dpo_loss`), with the reference log-probabilities known in advance, as in
+training (``cache_reference``):
 
-* time: both policies live in this process (each wraps its own base copy) and their steps alternate, so
-  machine noise hits both alike; the median of ``--steps`` steps after 2 warm-up steps is compared.
-* memory: each variant runs alone in a fresh subprocess; the peak resident set of the steps is read from
-  ``/proc/self/status`` (VmHWM, reset after loading through ``/proc/self/clear_refs``), so the ratio
-  compares what a step costs on top of the loaded model, and the whole-process peak is printed too.
-* one copy of the base weights: every parameter and buffer of the policy is counted once by storage; the
-  total is compared with the base model's own bytes.
+* ``all-blocks``: every block adapted and run (the default, and the path for GPUs);
+* ``lora-dpo-all-blocks``: the same without context (BTL-DPO), for NP-DPO's overhead;
+* ``last-4-cached``: LoRA and FiLM on the last 4 blocks, the first 26 blocks' output read from the prefix
+  cache, fp32;
+* ``last-4-cached-bf16``: the same under bf16 autocast (policy and reference alike).
 
-Run with ``make bench`` or ``python benchmarks/bench_policy.py --out DIR``; writes ``DIR/bench_policy.json``.
+Time: the policies live in this process and their steps alternate, so machine noise hits all alike; the
+median of ``--steps`` steps after 2 warm-up steps, divided by the pairs per step. The prefix cache's
+one-time cost (a forward of the base model per sequence) is measured and printed separately. Memory: each
+variant runs alone in a fresh subprocess; the process's peak resident set (VmHWM) over loading and steps.
+
+Run with ``make bench`` or ``python benchmarks/bench_policy.py --out DIR``; writes ``DIR/bench_policy.json``
+with ``per_pair_seconds`` per path.
 """
 
 from __future__ import annotations
@@ -26,31 +30,41 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from steerable.objectives import dpo_loss
 from steerable.policy.model import ConditionalPolicy, PolicyConfig, load_base_model
+from steerable.policy.sequences import SequenceStore, autocast_context, prefix_cache_for
 from steerable.policy.tokens import TokenizedPairs, pair_batch
 from steerable.policy.trainer import step_terms
+from steerable.utils.numerics import denormals_flushed
 
 MODEL = "SmolLM2-135M-Instruct"
-PAIRS, PROMPT_TOKENS, RESPONSE_TOKENS, CONTEXT_PAIRS, EMBED_DIM = 2, 64, 64, 4, 384
+PAIRS, PROMPT_TOKENS, RESPONSE_TOKENS, CONTEXT_PAIRS, EMBED_DIM = 2, 64, 192, 4, 384
+VARIANTS = {  # name: (conditional, blocks, precision)
+    "all-blocks": (True, "all", "no"),
+    "lora-dpo-all-blocks": (False, "all", "no"),
+    "last-4-cached": (True, "last:4", "no"),
+    "last-4-cached-bf16": (True, "last:4", "bf16"),
+}
 
 
-def build(conditional: bool, seed: int = 0) -> ConditionalPolicy:
+def build(conditional: bool, blocks: str, seed: int = 0) -> ConditionalPolicy:
     """A fresh policy around its own copy of the base model."""
     base, tokenizer = load_base_model(MODEL)
     config = PolicyConfig(
-        base_model=MODEL, conditional=conditional, input_dim=EMBED_DIM if conditional else 0
+        base_model=MODEL, conditional=conditional, input_dim=EMBED_DIM if conditional else 0, blocks=blocks
     )
     torch.manual_seed(seed)
     return ConditionalPolicy(config, base, tokenizer).train()
 
 
-def fixed_batch(policy: ConditionalPolicy, seed: int = 0):
+def fixed_data(policy: ConditionalPolicy, seed: int = 0):
     """PAIRS pairs of random tokens (one per user) and each user's CONTEXT_PAIRS context embeddings."""
     g = torch.Generator().manual_seed(seed)
     vocab = policy.tokenizer.vocab_size
@@ -59,7 +73,6 @@ def fixed_batch(policy: ConditionalPolicy, seed: int = 0):
         return torch.randint(10, vocab, (PAIRS, n), generator=g).tolist()
 
     tokens = TokenizedPairs(ids(PROMPT_TOKENS), ids(RESPONSE_TOKENS), ids(RESPONSE_TOKENS))
-    batch = pair_batch(tokens, [[i] for i in range(PAIRS)], policy.tokenizer.eos_token_id, "cpu")
     context = None
     if policy.hooks is not None:
         shape = (PAIRS, CONTEXT_PAIRS, EMBED_DIM)
@@ -68,16 +81,29 @@ def fixed_batch(policy: ConditionalPolicy, seed: int = 0):
             torch.randn(shape, generator=g),
             torch.ones(PAIRS, CONTEXT_PAIRS, dtype=torch.bool),
         )
-    return batch, context
+    return tokens, context
 
 
-def make_step(policy: ConditionalPolicy):
-    """One optimizer step of the trainer's loss on the fixed batch."""
-    batch, context = fixed_batch(policy)
+def make_step(policy: ConditionalPolicy, precision: str, cache_dir: str):
+    """One optimizer step of the trainer's loss on the fixed batch; returns (step, prefix-fill seconds per
+    sequence or None)."""
+    tokens, context = fixed_data(policy)
+    pairs = list(range(PAIRS))
+    batch = pair_batch(tokens, [[i] for i in pairs], policy.tokenizer.eos_token_id, "cpu")
+    autocast = autocast_context(torch.device("cpu"), precision) if precision != "no" else nullcontext
+    cache = prefix_cache_for(policy, precision, cache_dir) if policy.prefix_blocks else None
+    store = SequenceStore(policy, tokens, policy.tokenizer.eos_token_id, autocast, cache)
+    start = time.perf_counter()
+    with denormals_flushed():
+        reference = store.reference(pairs)  # computed once per pair in training (the prefix cache's fill)
+    fill = (time.perf_counter() - start) / (2 * PAIRS) if cache is not None else None
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-4)
 
+    @denormals_flushed()
     def step() -> float:
-        terms = step_terms(policy, policy, batch, context)
+        prefix = store.prefix(pairs, batch.input_ids.shape[1])
+        with autocast():
+            terms = step_terms(policy, policy, batch, context, reference, prefix, autocast)
         loss = dpo_loss(
             terms["policy_chosen"],
             terms["policy_rejected"],
@@ -94,15 +120,7 @@ def make_step(policy: ConditionalPolicy):
         policy.modulate(None)
         return float(loss.detach())
 
-    return step
-
-
-def storage_bytes(module: torch.nn.Module) -> int:
-    """Bytes of every parameter and buffer, each storage counted once."""
-    seen: dict[int, int] = {}
-    for t in [*module.parameters(), *module.buffers()]:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(seen.values())
+    return step, fill
 
 
 def _status_kb(field: str) -> int:
@@ -112,21 +130,14 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_child(variant: str, steps: int) -> dict[str, float]:
-    """Run in a subprocess: peak RSS of ``steps`` training steps of one variant."""
-    policy = build(variant == "np-dpo")
-    step = make_step(policy)
-    step()  # first step allocates optimizer state and autograd buffers: part of the cost
-    loaded_kb = _status_kb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+def memory_child(variant: str, steps: int, cache_dir: str) -> dict[str, float]:
+    """Run in a subprocess: the process's peak RSS over loading one variant and ``steps`` steps."""
+    conditional, blocks, precision = VARIANTS[variant]
+    policy = build(conditional, blocks)
+    step, _ = make_step(policy, precision, cache_dir)
     for _ in range(steps):
         step()
-    peak_kb = _status_kb("VmHWM")
-    return {
-        "rss_before_steps_gb": loaded_kb / 2**20,
-        "peak_gb": peak_kb / 2**20,
-        "step_peak_gb": (peak_kb - loaded_kb) / 2**20,
-    }
+    return {"peak_gb": _status_kb("VmHWM") / 2**20}
 
 
 def main() -> None:
@@ -135,86 +146,66 @@ def main() -> None:
     parser.add_argument(
         "--steps", type=int, default=6, help="timed steps per variant (after 2 warm-up steps)"
     )
-    parser.add_argument("--memory-child", choices=["np-dpo", "lora-dpo"], help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child, 3)))
+        print(json.dumps(memory_child(args.memory_child, 3, args.cache_dir)))
         return
 
-    print(f"loading {MODEL} twice (one copy per variant) ...", flush=True)
-    policies = {"lora-dpo": build(False), "np-dpo": build(True)}
-    base_bytes = {}
-    for name, p in policies.items():
-        base_only = sum(t.untyped_storage().nbytes() for n, t in p.lm.named_parameters() if "lora_" not in n)
-        base_bytes[name] = {
-            "policy_total_gb": storage_bytes(p) / 2**30,
-            "base_gb": base_only / 2**30,
-            "trainable_parameters": sum(t.numel() for t in p.trainable_parameters()),
-            "base_parameters": sum(t.numel() for n, t in p.lm.named_parameters() if "lora_" not in n),
-        }
-    steps = {name: make_step(p) for name, p in policies.items()}
-    times: dict[str, list[float]] = {name: [] for name in steps}
+    cache_dir = tempfile.mkdtemp(prefix="bench-policy-cache-")
+    print(f"loading {MODEL} {len(VARIANTS)} times (one copy per variant) ...", flush=True)
+    policies = {name: build(c, b) for name, (c, b, _) in VARIANTS.items()}
+    trainable = {name: sum(t.numel() for t in p.trainable_parameters()) for name, p in policies.items()}
+    made = {name: make_step(p, VARIANTS[name][2], cache_dir) for name, p in policies.items()}
+    times: dict[str, list[float]] = {name: [] for name in made}
     for i in range(args.steps + 2):
-        for name, step in steps.items():
+        for name, (step, _) in made.items():
             start = time.perf_counter()
             step()
             if i >= 2:
                 times[name].append(time.perf_counter() - start)
-    median = {name: statistics.median(t) for name, t in times.items()}
-    del policies, steps
+    step_seconds = {name: statistics.median(t) for name, t in times.items()}
+    per_pair = {name: s / PAIRS for name, s in step_seconds.items()}
+    fill = {name: f for name, (_, f) in made.items() if f is not None}
+    del policies, made
 
     memory = {}
-    for name in ("lora-dpo", "np-dpo"):
-        cmd = [sys.executable, __file__, "--memory-child", name]
+    for name in VARIANTS:
+        cmd = [sys.executable, __file__, "--memory-child", name, "--cache-dir", cache_dir]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         memory[name] = json.loads(out.strip().splitlines()[-1])
 
+    base = per_pair["all-blocks"]
     result = {
-        "setting": f"{MODEL}, {PAIRS} pairs x {PROMPT_TOKENS + RESPONSE_TOKENS} tokens, LoRA r=16 "
-        f"all-linear, {CONTEXT_PAIRS} context pairs per user (NP-DPO)",
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}",
-        "step_seconds": median,
+        "setting": f"{MODEL}, {PAIRS} pairs per step x {PROMPT_TOKENS + RESPONSE_TOKENS} tokens "
+        f"({PROMPT_TOKENS} prompt + {RESPONSE_TOKENS} response), LoRA r=16 all-linear in the adapted blocks, "
+        f"{CONTEXT_PAIRS} context pairs per user (NP-DPO), reference log-probs known in advance",
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "per_pair_seconds": per_pair,
+        "speedup_vs_all_blocks": {name: base / s for name, s in per_pair.items()},
+        "step_seconds": step_seconds,
         "step_seconds_all": times,
-        "time_ratio": median["np-dpo"] / median["lora-dpo"],
-        "memory": memory,
-        "step_memory_ratio": memory["np-dpo"]["step_peak_gb"] / memory["lora-dpo"]["step_peak_gb"],
-        "peak_memory_ratio": memory["np-dpo"]["peak_gb"] / memory["lora-dpo"]["peak_gb"],
-        "weights": base_bytes,
+        "prefix_fill_seconds_per_sequence": fill,
+        "peak_rss_gb": {name: m["peak_gb"] for name, m in memory.items()},
+        "trainable_parameters": trainable,
+        "np_dpo_overhead": step_seconds["all-blocks"] / step_seconds["lora-dpo-all-blocks"],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_policy.json").write_text(json.dumps(result, indent=2))
-    w = base_bytes["np-dpo"]
-    print(f"\nNP-DPO vs LoRA-DPO training step — {result['setting']}; {result['machine']}")
-    print(
-        f"  step time      : np-dpo {median['np-dpo']:.2f} s, lora-dpo {median['lora-dpo']:.2f} s "
-        f"-> ratio {result['time_ratio']:.3f} (target <= 1.15)"
-    )
-    print(
-        f"  step peak RSS  : np-dpo {memory['np-dpo']['step_peak_gb']:.3f} GB, lora-dpo "
-        f"{memory['lora-dpo']['step_peak_gb']:.3f} GB above the loaded model -> ratio "
-        f"{result['step_memory_ratio']:.3f}"
-    )
-    print(
-        f"  process peak   : np-dpo {memory['np-dpo']['peak_gb']:.3f} GB, "
-        f"lora-dpo {memory['lora-dpo']['peak_gb']:.3f} GB "
-        f"-> ratio {result['peak_memory_ratio']:.3f} (target <= 1.15)"
-    )
-    print(
-        f"  weights        : np-dpo policy holds {w['policy_total_gb']:.3f} GB of tensors, of which the base "
-        f"model {w['base_gb']:.3f} GB: one copy (the reference is the same weights, adapters and FiLM off)"
-    )
-    for name, w in base_bytes.items():
+    print(f"\nNP-DPO training, per trained preference pair — {result['setting']}; {result['machine']}")
+    for name in VARIANTS:
+        extra = f"; prefix cache {fill[name]:.2f} s per sequence, once" if name in fill else ""
         print(
-            f"  trained        : {name} {w['trainable_parameters'] / 1e6:.2f} M parameters "
-            f"({w['trainable_parameters'] / w['base_parameters']:.1%} of the base's "
-            f"{w['base_parameters'] / 1e6:.1f} M)"
+            f"  {name:>20}: {per_pair[name]:.3f} s per pair ({base / per_pair[name]:.1f}x all-blocks), "
+            f"peak RSS {memory[name]['peak_gb']:.2f} GB, {trainable[name] / 1e6:.1f} M trained{extra}"
         )
+    print(f"  NP-DPO vs LoRA-DPO (all blocks): {result['np_dpo_overhead']:.2f}x the step time")
     print(f"wrote {args.out / 'bench_policy.json'}")
 
 

@@ -165,7 +165,13 @@ def test_npdpo_synthetic_schema(tmp_path, tiny_encoder):
     assert (out / "npdpo_synthetic.png").exists() and (out / "npdpo_training.png").exists()
 
 
-def test_npdpo_hh_smoke_schema(tmp_path, tiny_encoder, tiny_decoder):
+def test_npdpo_hh_smoke_schema(tmp_path, tiny_encoder, tiny_decoder, monkeypatch):
+    import torch
+
+    import steerable.experiments.npdpo_hh as study
+    from steerable.policy.model import ConditionalPolicy
+
+    calls = _record_generation(monkeypatch, study)
     out = tmp_path / "hh"
     args = ["experiment", "npdpo-hh", "--out", str(out), "--seed", "0", "--smoke", "--embedder", tiny_encoder]
     args += ["--base-model", tiny_decoder, "--cache-dir", str(tmp_path / "cache"), "--max-length", "64"]
@@ -179,3 +185,118 @@ def test_npdpo_hh_smoke_schema(tmp_path, tiny_encoder, tiny_decoder):
     assert set(r["generation"]) >= {*r["modes"], "no context"}
     assert np.isfinite(r["generation"]["no context"]["mean_words"])
     assert (out / "npdpo_hh.png").exists()
+    # no context: the trained empty-set embedding (z = None would turn FiLM off and leave LoRA on)
+    policy = ConditionalPolicy.from_pretrained(out / "np-dpo")
+    assert calls[-1] is not None and torch.allclose(calls[-1], _empty_set_z(policy), atol=1e-6)
+
+
+def _record_generation(monkeypatch, module):
+    """Wrap ``module.generate`` to record the z each call was given."""
+    calls = []
+    original = module.generate
+
+    def recording(policy, prompts, z=None, **kwargs):
+        calls.append(None if z is None else z.detach().clone())
+        return original(policy, prompts, z, **kwargs)
+
+    monkeypatch.setattr(module, "generate", recording)
+    return calls
+
+
+def _empty_set_z(policy):
+    import torch
+
+    empty = torch.zeros(1, 0, policy.config.input_dim)
+    with torch.no_grad():
+        return policy.encode(empty, empty, torch.zeros(1, 0, dtype=torch.bool))[0]
+
+
+def test_npdpo_real_smoke_schema(tmp_path, tiny_encoder, tiny_decoder, monkeypatch):
+    """The documented results.json of npdpo-real (what ../shared/checks/npdpo-real reads), on tiny models;
+    no-context answers come from the trained empty-set embedding."""
+    import torch
+
+    import steerable.experiments.npdpo_real as study
+    import steerable.policy.best_of_n as best_of_n
+    from steerable.policy.model import ConditionalPolicy
+
+    calls = _record_generation(monkeypatch, study)
+    base_calls = _record_generation(monkeypatch, best_of_n)
+    out = tmp_path / "real"
+    args = [
+        "experiment",
+        "npdpo-real",
+        "--out",
+        str(out),
+        "--seed",
+        "0",
+        "--smoke",
+        "--embedder",
+        tiny_encoder,
+    ]
+    args += ["--base-model", tiny_decoder, "--blocks", "last:1", "--cache-dir", str(tmp_path / "cache")]
+    args += ["--max-length", "64"]
+    assert main(args) == 0
+    r = json.loads((out / "results.json").read_text())
+    types = r["types"]
+    assert types == ["hedging", "structure"]
+    for t in types:
+        assert set(r["models"]["np-dpo"]["accuracy"][t]) == {"0", "3"}
+        assert set(r["models"]["btl-dpo"]["accuracy"][t]) == {"0"}
+        assert set(r["models"]["oracle-dpo"]["accuracy"][t]) == {"0"}
+    assert set(r["label_swap_flip_rate_by_context"]) == {"3"}
+    g = r["generation"]
+    for condition in (
+        "no-context",
+        "base",
+        *(f"user:{t}" for t in types),
+        *(f"best-of-2:{t}" for t in types),
+    ):
+        for key in (*types, "nll_per_token"):
+            assert set(g[condition][key]) == {"mean", "stderr"}, (condition, key)
+    for name in ("npdpo_real.png", "generation.png", "npdpo_training.png"):
+        assert (out / name).exists(), name
+    policy = ConditionalPolicy.from_pretrained(out / "np-dpo")
+    assert len(calls) == 3 and torch.allclose(calls[2], _empty_set_z(policy), atol=1e-6)  # A, B, no context
+    assert base_calls == [None]  # the base model's samples: no z (adapters and FiLM off)
+
+
+def test_best_of_n_returns_the_answer_the_reward_model_ranks_first(
+    policy_world, tiny_encoder, tmp_path, capsys
+):
+    from steerable.models.base import RewardModel
+    from steerable.policy.best_of_n import option_vectors
+    from steerable.text.embedder import Embedder, load_embedder_config
+
+    rm = tmp_path / "rm"
+    args = ["train", "--data", str(policy_world / "train.jsonl"), "--model", "np-btl", "--out", str(rm)]
+    args += ["--embedder", tiny_encoder, "--cache-dir", str(tmp_path / "cache"), "--max-steps", "5"]
+    args += ["--max-context", "2", "--num-targets", "4", "--val-tasks", "8", "--hidden-dim", "16"]
+    args += ["--latent-dim", "8", "--num-heads", "2"]
+    assert main(args) == 0
+    capsys.readouterr()
+    prompt = "tell me about the red cat"
+    args = ["generate", "--base-model", str(policy_world / "base"), "--reward-model", str(rm), "--json"]
+    args += ["--context", str(policy_world / "test.jsonl"), "--user", "u100", "--prompt", prompt]
+    args += ["--num-candidates", "4", "--max-new-tokens", "6", "--temperature", "1.0"]
+    assert main(args) == 0
+    row = json.loads(capsys.readouterr().out.strip())
+    assert len(row["candidates"]) == 4 and len(set(row["candidates"])) > 1
+    # the rewards recomputed independently: the user's pairs embedded, the model personalised on them
+    model = RewardModel.from_pretrained(rm)
+    embedder = Embedder(load_embedder_config(rm))
+    from steerable.data.text import TextRowBuilder
+    from steerable.text.embedder import embed_preferences
+
+    builder = TextRowBuilder("test")
+    for n, line in enumerate((policy_world / "test.jsonl").read_text().splitlines()):
+        pair = json.loads(line)
+        if pair["user_id"] == "u100":
+            builder.add(pair, f"line {n}")
+    user = embed_preferences(builder.build(), embedder, progress=False)
+    chosen, rejected = user.chosen, user.rejected
+    rewards = model.personalize(chosen, rejected).rewards(
+        option_vectors(embedder, [prompt] * 4, row["candidates"])
+    )
+    assert np.allclose(rewards, row["rewards"], atol=1e-5)
+    assert row["best"] == row["candidates"][int(np.argmax(rewards))]

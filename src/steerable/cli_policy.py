@@ -61,11 +61,22 @@ def add_evaluate_policy_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``generate``."""
-    p.add_argument(
-        "--model", dest="model_dir", type=Path, required=True, help="folder written by train-policy"
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", dest="model_dir", type=Path, help="folder written by train-policy")
+    source.add_argument(
+        "--base-model", default=None, help="any causal LM instead (folder, hub name or SmolLM2-135M-Instruct)"
     )
     p.add_argument(
         "--context", default=None, help="the user's pairs (text preference file); omit: no context"
+    )
+    p.add_argument(
+        "--reward-model",
+        type=Path,
+        default=None,
+        help="best-of-N: a text reward model (from steerable train on text) scoring the candidates",
+    )
+    p.add_argument(
+        "--num-candidates", type=int, default=8, help="best-of-N: answers sampled per prompt (default: 8)"
     )
     p.add_argument("--user", default=None, help="which user of --context (default: the file's only user)")
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
@@ -221,7 +232,8 @@ def _run_evaluate_policy(args: argparse.Namespace) -> int:
 
 def _run_generate(args: argparse.Namespace) -> int:
     from steerable.data.schema import user_rows
-    from steerable.policy.generation import load_policy
+    from steerable.policy.generation import SteeredPolicy, load_policy
+    from steerable.utils.distributed import process_state
 
     context = None
     if args.context:
@@ -230,22 +242,63 @@ def _run_generate(args: argparse.Namespace) -> int:
         context = [
             {"prompt": data.prompts[i], "chosen": data.chosen[i], "rejected": data.rejected[i]} for i in rows
         ]
-    from steerable.utils.distributed import process_state
+    device = process_state(args.device).device
+    if args.model_dir is not None:
+        steered = load_policy(args.model_dir, device=device)
+    else:
+        from steerable.policy.model import ConditionalPolicy, PolicyConfig, load_base_model
 
-    steered = load_policy(args.model_dir, device=process_state(args.device).device)
+        base, tokenizer = load_base_model(args.base_model, device=device)
+        config = PolicyConfig(base_model=args.base_model, conditional=False, lora_r=0)
+        steered = SteeredPolicy(ConditionalPolicy(config, base, tokenizer).eval())
     z = steered.user_embedding(context or [])
+    sampling = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
     prompts = [p for p in args.prompt for _ in range(args.num_samples)]
-    texts = steered.generate_from_embedding(
-        prompts,
-        z,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
+    if args.reward_model is not None:
+        return _print_best_of_n(args, steered, prompts, context, z, sampling, device)
+    texts = steered.generate_from_embedding(prompts, z, **sampling)
     for prompt, text in zip(prompts, texts, strict=True):
         if args.json:
             print(json.dumps({"prompt": prompt, "response": text}))
         else:
             sys.stdout.write(f"### {prompt}\n{text}\n\n")
+    return 0
+
+
+def _print_best_of_n(args, steered, prompts, context, z, sampling, device) -> int:
+    """``generate --reward-model``: the best of ``--num-candidates`` answers per prompt for the user."""
+    from steerable.errors import ConfigError
+    from steerable.models.base import RewardModel
+    from steerable.policy.best_of_n import best_of_n
+    from steerable.text.embedder import Embedder, load_embedder_config
+
+    embedder_config = load_embedder_config(args.reward_model)
+    if embedder_config is None:
+        raise ConfigError(
+            f"{args.reward_model}: the reward model was not trained on text (no embedder.json); best-of-N "
+            "scores text answers"
+        )
+    reward_model = RewardModel.from_pretrained(args.reward_model, device=device)
+    result = best_of_n(
+        steered.policy,
+        prompts,
+        reward_model,
+        Embedder(embedder_config),
+        context,
+        args.num_candidates,
+        z,
+        **sampling,
+    )
+    for row in result.to_json():
+        if args.json:
+            print(json.dumps(row))
+        else:
+            order = sorted(range(len(row["rewards"])), key=lambda i: -row["rewards"][i])
+            sys.stdout.write(f"### {row['prompt']}\n{row['best']}\n")
+            sys.stdout.write("    rewards: " + ", ".join(f"{row['rewards'][i]:+.3f}" for i in order) + "\n\n")
     return 0

@@ -35,7 +35,7 @@ from steerable.experiments.text_common import (
     prepare_text_study,
 )
 from steerable.policy.evaluation import PolicyEvaluator
-from steerable.policy.generation import generate
+from steerable.policy.generation import SteeredPolicy, generate
 from steerable.policy.model import ConditionalPolicy, PolicyConfig, load_base_model
 from steerable.policy.tokens import PolicyTokenizer
 from steerable.policy.trainer import PolicyTrainConfig, train_policy
@@ -280,7 +280,8 @@ def _generation(
     seed: int,
 ) -> dict[str, Any]:
     """Responses to held-out prompts for one user of each type (their ``max(context_sizes)`` pairs as
-    context) and without context; their mean word count and hedging rate per type."""
+    context) and without context (the trained empty-set embedding, the state the policy was trained in
+    at N^C = 0; z = None would turn FiLM off and leave LoRA on); their mean word count and hedging rate."""
     rng = np.random.default_rng(seed)
     prompts = sorted({m[0]["content"] for m in test_text.prompts})
     prompts = [prompts[i] for i in rng.permutation(len(prompts))[: config.generation_prompts]]
@@ -301,7 +302,7 @@ def _generation(
                 rejected[rows][None].to(device),
                 torch.ones(1, len(rows), dtype=torch.bool, device=device),
             )[0]
-    settings["no context"] = None
+    settings["no context"] = SteeredPolicy(policy).user_embedding([])  # the trained empty-set z: π(y | x, ∅)
     samples = {}
     for label, z in settings.items():
         texts = generate(policy, prompts, z, max_new_tokens=config.max_new_tokens, temperature=0.7, seed=seed)
