@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 SEED   ?= 0
 OUT    ?= runs
 
-.PHONY: install demo test test-slow lint format bench checks clean
+.PHONY: install demo test test-slow test-gpu lint format bench checks clean
 
 install: $(STAMP)
 
@@ -31,6 +31,12 @@ test: install
 
 test-slow: install
 	$(BIN)/python -m pytest -m slow
+
+# For whoever has a CUDA GPU: the gpu-marked tests, then a short run of every study on it (~10 min).
+# Without one, both halves say so and skip.
+test-gpu: install
+	$(BIN)/python -m pytest -m gpu -rs
+	BIN=$(BIN) scripts/gpu_studies.sh $(OUT)/gpu
 
 lint: install
 	$(BIN)/ruff check .

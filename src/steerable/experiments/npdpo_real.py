@@ -59,6 +59,9 @@ class NPDPORealConfig(TextDataConfig):
     smoke: bool = option(False, "a run of minutes that shows the path works (far too small to learn)")
     base_model: str = option("SmolLM2-135M-Instruct", "policy LM: folder, hub name or SmolLM2-135M-Instruct")
     types: list[str] = option(["hedging", "structure"], "the two attributes that define the user types")
+    models: list[str] = option(
+        ["np-dpo", "btl-dpo", "oracle-dpo"], "policies to train (np-dpo is always trained)"
+    )
     train_users: int = option(96, "simulated training users (half of each type)")
     val_users: int = option(16, "simulated validation users (NP-BTL's model selection)")
     test_users: int = option(64, "simulated held-out users, on held-out prompts")
@@ -247,12 +250,12 @@ def run_npdpo_real(
     train_tokens = encoder.pairs(train_text)
 
     # the policies: one trainer, four datasets
-    runs: dict[str, tuple[bool, np.ndarray]] = {
-        "np-dpo": (True, np.arange(train_vec.num_pairs)),
-        "btl-dpo": (False, np.arange(train_vec.num_pairs)),
-    }
-    for mode, name in enumerate(names):
-        runs[f"oracle-{name}"] = (False, _rows_of_mode(train_vec, mode))
+    runs: dict[str, tuple[bool, np.ndarray]] = {"np-dpo": (True, np.arange(train_vec.num_pairs))}
+    if "btl-dpo" in config.models:
+        runs["btl-dpo"] = (False, np.arange(train_vec.num_pairs))
+    if "oracle-dpo" in config.models:
+        for mode, name in enumerate(names):
+            runs[f"oracle-{name}"] = (False, _rows_of_mode(train_vec, mode))
     policies: dict[str, ConditionalPolicy] = {}
     training: dict[str, Any] = {}
     for name, (conditional, rows) in runs.items():
@@ -285,11 +288,13 @@ def run_npdpo_real(
     tasks = np_eval.tasks(sizes, config.eval_tasks, config.eval_targets, s_eval)
     tables = {"np-dpo": np_eval.accuracy_table(tasks, names)}
     flips = {str(n): np_eval.label_swap_flip_rate(tasks[n]) for n in sizes if n > 0}
-    tables["btl-dpo"] = evaluator(policies["btl-dpo"]).accuracy_table({0: tasks[sizes[0]]}, names)
-    tables["oracle-dpo"] = {}
+    if "btl-dpo" in policies:
+        tables["btl-dpo"] = evaluator(policies["btl-dpo"]).accuracy_table({0: tasks[sizes[0]]}, names)
     for mode, name in enumerate(names):
+        if f"oracle-{name}" not in policies:
+            continue
         own = tasks_of_mode({0: tasks[sizes[0]]}, mode)
-        tables["oracle-dpo"].update(
+        tables.setdefault("oracle-dpo", {}).update(
             {
                 k: v
                 for k, v in evaluator(policies[f"oracle-{name}"]).accuracy_table(own, names).items()

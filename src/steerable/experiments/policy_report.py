@@ -38,7 +38,7 @@ def plot_policy_accuracy(
         oracle = models.get("oracle-dpo", {}).get("accuracy", {}).get(group, {}).get("0")
         if oracle is not None:
             ax.axhline(oracle, color=f"C{k}", ls="--", label=f"oracle DPO, {group}")
-        btl = models["btl-dpo"]["accuracy"].get(group, {}).get("0")
+        btl = models.get("btl-dpo", {}).get("accuracy", {}).get(group, {}).get("0")
         if btl is not None:
             ax.axhline(btl, color=f"C{k}", ls=":", label=f"BTL-DPO, {group}")
     ax.axhline(0.5, color="k", lw=0.6, ls=":")
