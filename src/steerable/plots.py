@@ -23,9 +23,13 @@ COLORS = {
 
 
 def _save(fig: plt.Figure, path: str | Path) -> Path:
+    """Write the figure atomically (in the main process only, when several run a study)."""
+    from steerable.utils.distributed import is_main_process
+
     path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png")
+    if is_main_process():
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png")
     plt.close(fig)
     return path
 

@@ -18,6 +18,7 @@ from steerable.models.base import RewardModel, RewardModelConfig
 from steerable.models.registry import build_reward_model
 from steerable.training import TrainConfig, TrainResult, train_reward_model
 from steerable.utils.config import config_to_dict, json_ready
+from steerable.utils.distributed import is_main_process
 from steerable.utils.files import write_json_atomic
 
 console = Console()
@@ -26,11 +27,16 @@ if not console.is_terminal:  # logs and pipes: wide enough that tables are never
 
 
 def begin_study(out_dir: str | Path, name: str, title: str, seed: int, config: Any) -> Path:
-    """Create the run folder, record the resolved settings in ``config.json``, announce the study."""
-    from steerable import __version__
+    """Create the run folder, record the resolved settings in ``config.json``, announce the study.
 
+    Under ``torchrun`` / ``accelerate launch`` every process runs the study (the trainers share the work)
+    and only the main one writes files and prints: the others' console is quiet."""
+    from steerable import __version__
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if not is_main_process():
+        console.quiet = True
+        return out
     write_json_atomic(
         out / "config.json",
         {"experiment": name, "seed": seed, "steerable_version": __version__, **config_to_dict(config)},
@@ -52,8 +58,10 @@ def simulate_splits(
     data = {}
     for (split, n), split_seed in zip(users.items(), child_seeds(seed, len(users)), strict=True):
         data[split] = simulate(population, n, pairs_per_user, seed=split_seed, user_prefix=f"{split}-")
-        write_preferences(data[split], out_dir / f"{split}.jsonl")
-    write_json_atomic(out_dir / "population.json", population.to_dict())
+    if is_main_process():
+        for split, split_data in data.items():
+            write_preferences(split_data, out_dir / f"{split}.jsonl")
+        write_json_atomic(out_dir / "population.json", population.to_dict())
     return data
 
 
@@ -83,7 +91,8 @@ def write_results(out_dir: Path, results: dict[str, Any]) -> Path:
     """Write ``results.json`` atomically (keys stringified, numpy scalars converted; an undefined
     statistic, NaN, becomes null)."""
     path = out_dir / "results.json"
-    write_json_atomic(path, _nan_to_none(json_ready(results)))
+    if is_main_process():
+        write_json_atomic(path, _nan_to_none(json_ready(results)))
     return path
 
 

@@ -118,6 +118,11 @@ class PolicyEvaluator:
     @denormals_flushed()
     def _margins_of(self, batches: list[TaskBatch], swap_context: bool) -> TargetMargins:
         device = self.policy.device
+        if self.store.uses_prefix:  # every sequence's prefix at once, length-sorted into full forwards
+            scored = {
+                int(p) for b in batches for p in b.pair_index[:, b.num_context :].flatten().tolist() if p >= 0
+            }
+            self.store.fill(sorted(p for p in scored if self.scored[p]), progress=False)
         out_margin, out_mode, out_task, out_user, out_pair = [], [], [], [], []
         task_offset = 0
         for batch in batches:
