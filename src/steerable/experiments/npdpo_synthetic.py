@@ -29,12 +29,14 @@ from steerable.experiments.policy_report import plot_policy_accuracy, plot_train
 from steerable.policy.evaluation import PolicyEvaluator
 from steerable.policy.generation import generate
 from steerable.policy.model import ConditionalPolicy, PolicyConfig, load_base_model
+from steerable.policy.sequences import autocast_context
 from steerable.policy.sft import fit_language_model, tiny_llama, word_tokenizer
 from steerable.policy.tokens import PolicyTokenizer
 from steerable.policy.trainer import PolicyTrainConfig, train_policy
 from steerable.text import synthetic_text as world
 from steerable.text.embedder import Embedder, EmbedderConfig, embed_preferences, save_embedder_config
 from steerable.utils.config import option
+from steerable.utils.distributed import resolve_precision
 
 
 @dataclass
@@ -66,6 +68,9 @@ class NPDPOSyntheticConfig:
     generation_context: int = option(4, "context pairs given when generating")
     generation_prompts: int = option(4, "held-out prompts per held-out user when generating")
     temperature: float = option(0.7, "sampling temperature (the generate command's default)")
+    mixed_precision: str = option(
+        "auto", "autocast of policy and reference in training and evaluation: auto (bf16 on GPUs) | no | bf16"
+    )
 
 
 def run_npdpo_synthetic(
@@ -167,6 +172,7 @@ def run_npdpo_synthetic(
                 nll_weight=config.nll_weight,
                 max_length=64,
                 max_prompt_length=32,
+                mixed_precision=config.mixed_precision,
                 save_every=100,
                 seed=seed,
             )
@@ -191,8 +197,10 @@ def run_npdpo_synthetic(
     sizes = [int(x) for x in config.context_sizes.split(",")]
     test_tokens = PolicyTokenizer(policies["np-dpo"].tokenizer, 64, 32).pairs(test)
     accuracy: dict[str, Any] = {}
+    device = policies["np-dpo"].device
+    autocast = autocast_context(device, resolve_precision(config.mixed_precision, device))
     evaluators = {
-        name: PolicyEvaluator(p, test_tokens, test_vec, config.beta, scored=test_conflict)
+        name: PolicyEvaluator(p, test_tokens, test_vec, config.beta, scored=test_conflict, autocast=autocast)
         for name, p in policies.items()
     }
     tasks = evaluators["np-dpo"].tasks(
@@ -204,7 +212,9 @@ def run_npdpo_synthetic(
     swap_nc = max(sizes)
     flips = {str(n): evaluators["np-dpo"].label_swap_flip_rate(tasks[n]) for n in sizes if n > 0}
     flip = flips.get(str(swap_nc), float("nan"))
-    agree = PolicyEvaluator(policies["np-dpo"], test_tokens, test_vec, config.beta, scored=~test_conflict)
+    agree = PolicyEvaluator(
+        policies["np-dpo"], test_tokens, test_vec, config.beta, scored=~test_conflict, autocast=autocast
+    )
     agree_acc = agree.accuracy_by_mode({n: tasks[n] for n in (0, swap_nc)}, names)
     accuracy = {
         "np-dpo": {"accuracy": {k: v for k, v in np_acc.items() if k != "all"}},
