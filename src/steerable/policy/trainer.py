@@ -120,7 +120,7 @@ class PolicyTrainConfig:
     )
     cache_dir: str | None = option(None, "cache root (default: $STEERABLE_CACHE or ~/.cache/steerable)")
     save_every: int = option(50, "steps between resumable checkpoints")
-    log_every: int = option(10, "steps between metrics.csv rows")
+    log_every: int = option(10, "steps between metrics.csv rows (each the mean over those steps)")
     seed: int = option(0, "seed of the task sampler, LoRA init and dropout")
 
     def __post_init__(self) -> None:
@@ -294,6 +294,8 @@ def train_policy(
         timings["prefix_sequences_computed"] = computed
     warned = False
     totals: dict[str, float] = {}
+    window: dict[str, float] = {}
+    window_steps = 0
     started = time.perf_counter()
     bar = tqdm(
         total=config.max_steps,
@@ -353,6 +355,9 @@ def train_policy(
         step += 1
         bar.update(1)
         totals = dict(sums)
+        for key, value in sums.items():  # the logged row is the mean over the steps since the last one
+            window[key] = window.get(key, 0.0) + value
+        window_steps += 1
         bar.set_postfix(
             acc=f"{sums['rewards/accuracies']:.2f}",
             lr_chosen=f"{sums['logratio/chosen']:+.1f}",
@@ -367,7 +372,9 @@ def train_policy(
                 "learning rate"
             )
         if step % config.log_every == 0 or step == config.max_steps:
-            log.log({"step": step, **sums, "lr": learning_rate_at(step - 1, config, horizon)})
+            mean = {key: value / window_steps for key, value in window.items()}
+            log.log({"step": step, **mean, "lr": learning_rate_at(step - 1, config, horizon)})
+            window, window_steps = {}, 0
         if out is not None and (step % config.save_every == 0 or step == config.max_steps):
             rng = gather_rng_states(accelerator, rng_states(sampler.get_state(), device))
             if main:
