@@ -364,3 +364,27 @@ def test_resume_refuses_other_data_and_keeps_the_schedule(tiny_world, tmp_path):
     config = _train_config(max_steps=4)
     assert lrs[:4] == pytest.approx([learning_rate_at(s, config) for s in range(4)])
     assert lrs[4:] == pytest.approx([0.1 * config.learning_rate] * 4)  # past the first run's horizon
+
+
+def test_context_encoder_starts_from_a_trained_np_btl(tiny_world, tmp_path):
+    from steerable.errors import ConfigError
+    from steerable.models import RewardModelConfig, build_reward_model
+    from steerable.training import TrainConfig, train_reward_model
+
+    folder, _data, vectors, _ = tiny_world
+    config = RewardModelConfig(model_type="np-btl", input_dim=6, hidden_dim=16, latent_dim=8, num_heads=8)
+    train_reward_model(
+        build_reward_model(config, seed=0),
+        vectors,
+        None,
+        TrainConfig(max_steps=3, batch_size=4, num_targets=4, max_context=2, val_tasks=8, eval_every=3),
+        out_dir=tmp_path / "rm",
+    )
+    rm = build_reward_model(config, seed=0).from_pretrained(tmp_path / "rm")
+    policy = _build(folder, encoder="attention", encoder_hidden=16, latent_dim=8)
+    policy.init_encoder_from(tmp_path / "rm")
+    ctx = (torch.randn(2, 3, 6), torch.randn(2, 3, 6), torch.ones(2, 3, dtype=torch.bool))
+    with torch.no_grad():
+        assert torch.allclose(policy.eval().encode(*ctx), rm.encode(*ctx).mean, atol=1e-5)
+    with pytest.raises(ConfigError, match="does not match"):
+        _build(folder, encoder="mean", encoder_hidden=16, latent_dim=8).init_encoder_from(tmp_path / "rm")

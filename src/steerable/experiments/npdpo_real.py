@@ -67,6 +67,10 @@ class NPDPORealConfig(TextDataConfig):
     test_users: int = option(64, "simulated held-out users, on held-out prompts")
     pairs_per_user: int = option(24, "answered pairs per user (all conflicting)")
     blocks: str = option("last:4", "blocks with LoRA and FiLM (all: the GPU path)")
+    init_encoder: bool = option(
+        True, "start NP-DPO's context encoder from the study's NP-BTL (trained first on the same users)"
+    )
+    freeze_encoder: bool = option(False, "keep NP-DPO's context encoder as the NP-BTL trained it")
     lora_r: int = option(16, "LoRA rank (alpha = 2 r)")
     steps: int = option(300, "training steps of every policy")
     users_per_batch: int = option(4, "users per step")
@@ -249,6 +253,13 @@ def run_npdpo_real(
     )
     train_tokens = encoder.pairs(train_text)
 
+    # the text NP-BTL: best-of-N's judge and (init_encoder) where NP-DPO's context encoder starts
+    reward_model = None
+    if config.init_encoder or (config.generation_prompts > 0 and config.best_of > 0):
+        t = time.perf_counter()
+        reward_model = _reward_model(train_vec, val_vec, config, out / "np-btl", s_model, overwrite)
+        timings["np-btl_train_s"] = time.perf_counter() - t
+
     # the policies: one trainer, four datasets
     runs: dict[str, tuple[bool, np.ndarray]] = {"np-dpo": (True, np.arange(train_vec.num_pairs))}
     if "btl-dpo" in config.models:
@@ -260,8 +271,9 @@ def run_npdpo_real(
     training: dict[str, Any] = {}
     for name, (conditional, rows) in runs.items():
         t = time.perf_counter()
+        encoder_from = out / "np-btl" if conditional and config.init_encoder else None
         policies[name], training[name] = _train(
-            name, conditional, rows, train_tokens, train_vec, config, out, seed, progress
+            name, conditional, rows, train_tokens, train_vec, config, out, seed, progress, encoder_from
         )
         timings[f"{name}_train_s"] = time.perf_counter() - t
     if main:
@@ -307,9 +319,6 @@ def run_npdpo_real(
     t = time.perf_counter()
     generation: dict[str, Any] = {}
     if config.generation_prompts > 0:
-        reward_model = None
-        if config.best_of > 0:
-            reward_model = _reward_model(train_vec, val_vec, config, out / "np-btl", s_model, overwrite)
         generation = _generation(
             policies["np-dpo"], reward_model, study, test_vec, test_picks, names, config, s_gen
         )
@@ -377,6 +386,7 @@ def _train(
     out: Path,
     seed: int,
     progress: bool,
+    encoder_from: Path | None = None,
 ) -> tuple[ConditionalPolicy, dict[str, Any]]:
     """One policy trained by the common trainer (resumes from ``out/name`` if a run is there)."""
     from steerable.policy.tokens import TokenizedPairs
@@ -389,6 +399,10 @@ def _train(
         lora_alpha=2 * config.lora_r,
         blocks=config.blocks,
         input_dim=vectors.dim if conditional else 0,
+        # the NP-BTL's encoder (attention, width 256, z of 256), so that it can start from it
+        encoder="attention",
+        encoder_hidden=256,
+        latent_dim=256,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -410,6 +424,8 @@ def _train(
         max_response_length=config.response_tokens,
         mixed_precision=config.mixed_precision,
         cache_dir=config.cache_dir,
+        init_encoder=str(encoder_from) if encoder_from is not None else None,
+        freeze_encoder=config.freeze_encoder and encoder_from is not None,
         save_every=max(1, min(50, config.steps)),
         log_every=max(1, min(10, config.steps // 4)),
         seed=seed,

@@ -231,6 +231,34 @@ class ConditionalPolicy(nn.Module):
         self.input_shift.copy_(options.mean(dim=0))
         self.input_scale.copy_(options.std(dim=0).clamp(min=1e-6))
 
+    def init_encoder_from(self, reward_model_dir: str | Path) -> None:
+        """Start the context encoder from a trained NP-BTL's set encoder and input standardisation (the
+        policy's encoder settings must match the reward model's: same kind, width and latent size)."""
+        from steerable.models.base import RewardModel
+
+        model = RewardModel.from_pretrained(reward_model_dir)
+        encoder = getattr(model, "encoder", None)
+        if self.hooks is None or encoder is None or model.model_type != "np-btl":
+            raise ConfigError(f"{reward_model_dir}: init_encoder needs an np-btl model and an NP-DPO policy")
+        theirs = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+        mine = {k: tuple(v.shape) for k, v in self.encoder.state_dict().items()}
+        same_function = (
+            encoder.kind == self.encoder.kind
+            and encoder.pooling == self.encoder.pooling
+            and model.config.activation == "gelu"  # the policy's SetEncoder default
+            and (encoder.kind != "attention" or _heads(encoder) == _heads(self.encoder))
+        )
+        if theirs != mine or not same_function or model.config.input_dim != self.config.input_dim:
+            c, p = model.config, self.config
+            raise ConfigError(
+                f"{reward_model_dir}: its encoder ({c.encoder}, hidden {c.hidden_dim}, latent "
+                f"{c.latent_dim}, input {c.input_dim}) does not match the policy's ({p.encoder}, hidden "
+                f"{p.encoder_hidden}, latent {p.latent_dim}, input {p.input_dim})"
+            )
+        self.encoder.load_state_dict(encoder.state_dict())
+        self.input_shift.copy_(model.input_shift.float())
+        self.input_scale.copy_(model.input_scale.float())
+
     def encode(self, chosen: Tensor, rejected: Tensor, mask: Tensor) -> Tensor:
         """(B, Nc, D) context pairs + (B, Nc) mask -> z (B, L)."""
         if self.hooks is None:
@@ -442,6 +470,10 @@ class ConditionalPolicy(nn.Module):
         policy = cls(config, base, tokenizer).to(device)
         policy.load_trainable_state_dict(load_file(str(directory / WEIGHTS_NAME)))
         return policy.eval()
+
+
+def _heads(encoder: SetEncoder) -> int:
+    return encoder.attention.num_heads
 
 
 def _hidden_size(model: nn.Module) -> int:

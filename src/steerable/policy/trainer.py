@@ -119,6 +119,12 @@ class PolicyTrainConfig:
         "on disk (the step then runs the last K blocks only)",
     )
     cache_dir: str | None = option(None, "cache root (default: $STEERABLE_CACHE or ~/.cache/steerable)")
+    init_encoder: str | None = option(
+        None,
+        "an NP-BTL folder trained on the same embeddings: its set encoder and input standardisation start "
+        "the context encoder (it already tells users apart; the hypernetwork learns what to do with z)",
+    )
+    freeze_encoder: bool = option(False, "keep the context encoder as it starts (with --init-encoder)")
     save_every: int = option(50, "steps between resumable checkpoints")
     log_every: int = option(10, "steps between metrics.csv rows (each the mean over those steps)")
     seed: int = option(0, "seed of the task sampler, LoRA init and dropout")
@@ -242,7 +248,12 @@ def train_policy(
         context_seed=None if world == 1 else config.seed * 1000 + 2,  # every process: the same N^C
     )
     if policy.hooks is not None and not out_has_checkpoint(out):
-        policy.fit_standardization(torch.from_numpy(np.concatenate([embedded.chosen, embedded.rejected])))
+        if config.init_encoder:
+            policy.init_encoder_from(config.init_encoder)
+        else:
+            policy.fit_standardization(torch.from_numpy(np.concatenate([embedded.chosen, embedded.rejected])))
+    if config.freeze_encoder and policy.hooks is not None:
+        policy.encoder.requires_grad_(False)
     if config.disable_dropout:
         disable_dropout(policy)
     if config.gradient_checkpointing:
