@@ -27,7 +27,7 @@ from steerable.data import TaskSampler, simulate, step_population
 from steerable.models import RewardModelConfig, build_reward_model
 from steerable.models.neural_process import NPBTLRewardModel
 from steerable.objectives import preference_loss
-from steerable.training import TrainConfig, train_reward_model
+from steerable.training import PreferenceObjective, TrainConfig, learning_rate_schedule, train_reward_model
 from steerable.utils.numerics import denormals_flushed
 
 PAPER_OPTIMISER = {"learning_rate": 1e-4, "lr_schedule": "constant", "warmup_steps": 0, "max_grad_norm": None}
@@ -131,6 +131,49 @@ def training_run(
     }
 
 
+def early_vs_late_steps(
+    train, seed: int, optimiser: dict, steps: int = 1000, span: int = 400, block: int = 25
+) -> dict:
+    """ms/step of steps 1..``span`` against steps ``steps − span + 1``..``steps`` of a training run,
+    timed in alternating ``block``-step blocks of two runs (one at the start, one that has already done
+    ``steps − span`` steps), so that other processes on a shared machine slow both alike. The steps are
+    the trainer's (its loss, learning-rate schedule, clipping and Adam; subnormal floats flushed)."""
+    config = TrainConfig(max_steps=steps, seed=seed, **optimiser)
+    schedule = learning_rate_schedule(config)
+
+    def start() -> dict:
+        model = build_reward_model(RewardModelConfig(model_type="np-btl", input_dim=1), seed=seed).train()
+        return {
+            "objective": PreferenceObjective(model),
+            "optimizer": torch.optim.Adam(model.parameters(), lr=config.learning_rate),
+            "sampler": TaskSampler(train, 0, 10, 20, config.batch_size, seed=seed),
+            "step": 0,
+        }
+
+    def advance(run: dict, n: int) -> None:
+        for _ in range(n):
+            loss = run["objective"](run["sampler"].sample())
+            run["optimizer"].zero_grad(set_to_none=True)
+            for group in run["optimizer"].param_groups:
+                group["lr"] = schedule(run["step"])
+            loss.backward()
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(run["objective"].parameters(), config.max_grad_norm)
+            run["optimizer"].step()
+            run["step"] += 1
+
+    early, late = start(), start()
+    advance(late, steps - span)
+    times: dict[str, list[float]] = {"early": [], "late": []}
+    for _ in range(span // block):
+        for name, run in (("early", early), ("late", late)):
+            t0 = time.perf_counter()
+            advance(run, block)
+            times[name].append(1000 * (time.perf_counter() - t0) / block)
+    first, last = statistics.median(times["early"]), statistics.median(times["late"])
+    return {"ms_per_step_first": first, "ms_per_step_last": last, "ratio": last / first, "blocks_ms": times}
+
+
 def median_ms(fn, repeats: int) -> float:
     for _ in range(max(3, repeats // 20)):  # warm-up
         fn()
@@ -203,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
         "paper optimiser": training_run(train, val, args.seed, PAPER_OPTIMISER),
     }
     results["training_runs"] = runs
+    print("measuring steps 1-400 against steps 601-1,000, in alternating blocks ...", flush=True)
+    results["early_vs_late_steps"] = {
+        "defaults": early_vs_late_steps(train, args.seed, {}),
+        "paper optimiser": early_vs_late_steps(train, args.seed, PAPER_OPTIMISER),
+    }
     print("measuring inference latency ...", flush=True)
     results.update(inference_latency(model, args.seed))
     results["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
@@ -237,6 +285,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"(ratio {run['ms_per_step_last_400'] / run['ms_per_step_first_400']:.2f} / "
                 f"{run['ms_per_step_last_400_median'] / run['ms_per_step_first_400_median']:.2f}); "
                 "per 100 steps: " + " ".join(f"{v:.0f}" for v in run["ms_per_step_by_window"].values()),
+            )
+        )
+    for name, cmp in results["early_vs_late_steps"].items():
+        rows.append(
+            (
+                f"ms/step, steps 1-400 vs 601-1,000 interleaved, {name}",
+                f"{cmp['ms_per_step_first']:.1f}",
+                f"steps 601-1,000: {cmp['ms_per_step_last']:.1f} (ratio {cmp['ratio']:.2f}; medians of 16 "
+                "alternating 25-step blocks)",
             )
         )
     rows += [
