@@ -396,7 +396,7 @@ def _train(
         base_model=config.base_model,
         conditional=conditional,
         lora_r=config.lora_r,
-        lora_alpha=2 * config.lora_r,
+        lora_alpha=max(1, 2 * config.lora_r),
         blocks=config.blocks,
         input_dim=vectors.dim if conditional else 0,
         # the NP-BTL's encoder (attention, width 256, z of 256), so that it can start from it
