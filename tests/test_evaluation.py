@@ -113,7 +113,7 @@ def _larger_wins(batch: TaskBatch) -> PreferenceOutput:
 def test_reported_stderr_matches_the_spread_across_independent_populations():
     """Many tasks per user (300 tasks over 30 users): the reported standard error must be the real
     sampling error, i.e. the spread of the accuracy across independently drawn populations (within 20 %).
-    Clustering by task instead (pairs of a user scored again and again as if new) is ~2.3x too small."""
+    Clustering by task instead (pairs of a user scored again and again as if new) is ~2.9x too small."""
     pop = step_population()
     accuracy, reported, by_task = [], [], []
     for rep in range(160):
