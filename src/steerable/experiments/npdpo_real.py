@@ -34,6 +34,7 @@ import torch
 
 from steerable.data.schema import PreferenceData
 from steerable.data.text import TextPreferences
+from steerable.evaluation import evaluate
 from steerable.experiments.common import begin_study, child_seeds, console, train_model, write_results
 from steerable.experiments.policy_report import plot_training, print_policy_table
 from steerable.experiments.text_common import TextDataConfig, mode_population, prepare_text_study
@@ -63,7 +64,7 @@ class NPDPORealConfig(TextDataConfig):
         ["np-dpo", "btl-dpo", "oracle-dpo"], "policies to train (np-dpo is always trained)"
     )
     train_users: int = option(96, "simulated training users (half of each type)")
-    val_users: int = option(16, "simulated validation users (NP-BTL's model selection)")
+    val_users: int = option(100, "simulated validation users (NP-BTL's model selection)")
     test_users: int = option(64, "simulated held-out users, on held-out prompts")
     pairs_per_user: int = option(24, "answered pairs per user (all conflicting)")
     blocks: str = option("last:4", "blocks with LoRA and FiLM (all: the GPU path)")
@@ -84,7 +85,14 @@ class NPDPORealConfig(TextDataConfig):
     mixed_precision: str = option(
         "bf16", "autocast of policy and reference: no | bf16", choices=["no", "bf16"]
     )
-    reward_steps: int = option(1500, "training steps of the NP-BTL that picks the best of N")
+    reward_users: int = option(
+        1000, "simulated users (training prompts) the NP-BTL learns from: embeddings only, so cheap"
+    )
+    reward_steps: int = option(600, "training steps of the NP-BTL (best-of-N judge, NP-DPO's encoder)")
+    reward_hidden: int = option(
+        32, "NP-BTL width, and NP-DPO's encoder's (256 memorises the ~160 training prompts' answers)"
+    )
+    learning_rate: float = option(3e-4, "NP-BTL learning rate (Adam; the policies': policy_learning_rate)")
     context_sizes: list[int] = option([0, 1, 3, 5, 10], "N^C values evaluated")
     eval_tasks: int = option(96, "evaluation tasks per N^C (users cycle)")
     eval_targets: int = option(4, "scored pairs per evaluation task")
@@ -110,6 +118,7 @@ class NPDPORealConfig(TextDataConfig):
                 response_tokens=64,
                 prompt_tokens=32,
                 reward_steps=20,
+                reward_users=8,
                 context_sizes=[0, 3],
                 eval_tasks=4,
                 eval_targets=2,
@@ -157,14 +166,20 @@ def _pairs_text(data: PreferenceData, table: ResponseTable, responses: list[str]
 
 
 def _simulate(study: Any, config: NPDPORealConfig, seed: int, responses: list[str]) -> dict[str, Any]:
-    """Users of each split: their pairs as text (whole answers), as embeddings and as response numbers."""
+    """Users of each split: their pairs as text (whole answers), as embeddings and as response numbers.
+    The NP-BTL's users ("reward") answer the training prompts, like the policies' users."""
     population = mode_population(2)
     numbers = np.arange(len(study.table.responses), dtype=np.float32)[:, None]
-    sizes = {"train": config.train_users, "val": config.val_users, "test": config.test_users}
+    sizes = {
+        "train": config.train_users,
+        "val": config.val_users,
+        "test": config.test_users,
+        "reward": config.reward_users,
+    }
     out = {}
-    for (split, users), s in zip(sizes.items(), child_seeds(seed, 3), strict=True):
+    for (split, users), s in zip(sizes.items(), child_seeds(seed, 4), strict=True):
         picks = simulate_pool_users(
-            study.pools[split],
+            study.pools["train" if split == "reward" else split],
             numbers,
             population,
             users,
@@ -257,8 +272,13 @@ def run_npdpo_real(
     reward_model = None
     if config.init_encoder or (config.generation_prompts > 0 and config.best_of > 0):
         t = time.perf_counter()
-        reward_model = _reward_model(train_vec, val_vec, config, out / "np-btl", s_model, overwrite)
+        reward_vec = splits["reward"][1]
+        reward_model = _reward_model(reward_vec, val_vec, config, out / "np-btl", s_model, overwrite)
         timings["np-btl_train_s"] = time.perf_counter() - t
+
+    reward_accuracy: dict[str, Any] = {}
+    if reward_model is not None:
+        reward_accuracy = _reward_accuracy(reward_model, test_vec, names, config, s_eval)
 
     # the policies: one trainer, four datasets
     runs: dict[str, tuple[bool, np.ndarray]] = {"np-dpo": (True, np.arange(train_vec.num_pairs))}
@@ -348,6 +368,7 @@ def run_npdpo_real(
             for name, table in tables.items()
         },
         "label_swap_flip_rate_by_context": flips,
+        "reward_model": reward_accuracy,
         "generation": generation,
         "training": training,
         "data": {
@@ -365,6 +386,23 @@ def run_npdpo_real(
         _plots(out, results, sizes)
     _print(results, sizes)
     return results
+
+
+def _reward_accuracy(
+    model: Any, test: PreferenceData, names: list[str], config: NPDPORealConfig, seed: int
+) -> dict[str, Any]:
+    """The NP-BTL's accuracy per type vs N^C on the held-out users (over both types: with its standard
+    error, clustered by user)."""
+    sizes = sorted(set(config.context_sizes))
+    targets = min(sizes[-1] + config.eval_targets, config.pairs_per_user)
+    result = evaluate(model, test, sizes, num_targets=targets, num_tasks=4 * config.eval_tasks, seed=seed)
+    summary = result.to_json()
+    return {
+        "accuracy": {names[int(m)]: row for m, row in summary.get("accuracy_by_mode", {}).items()},
+        "accuracy_all": summary["accuracy"],
+        "stderr_all": summary["stderr"],
+        "num_targets": targets,
+    }
 
 
 def _embedder_config(config: NPDPORealConfig) -> EmbedderConfig:
@@ -399,9 +437,9 @@ def _train(
         lora_alpha=max(1, 2 * config.lora_r),
         blocks=config.blocks,
         input_dim=vectors.dim if conditional else 0,
-        # the NP-BTL's encoder (attention, width 256, z of 256), so that it can start from it
+        # the NP-BTL's encoder (attention, its width, z of 256), so that it can start from it
         encoder="attention",
-        encoder_hidden=256,
+        encoder_hidden=config.reward_hidden,
         latent_dim=256,
     )
     with torch.random.fork_rng(devices=[]):
@@ -454,7 +492,11 @@ def _reward_model(
 ) -> Any:
     """The text NP-BTL that picks the best of N (as ``steerable train`` would train it on the same pairs)."""
     train_config = TrainConfig(
-        max_steps=config.reward_steps, learning_rate=config.learning_rate, max_context=10, seed=seed
+        max_steps=config.reward_steps,
+        learning_rate=config.learning_rate,
+        max_context=10,
+        eval_every=50,
+        seed=seed,
     )
     if config.smoke:
         train_config = TrainConfig(
@@ -465,7 +507,9 @@ def _reward_model(
             val_tasks=16,
             seed=seed,
         )
-    result = train_model("np-btl", train, val, out, train_config, overwrite=overwrite)
+    result = train_model(
+        "np-btl", train, val, out, train_config, {"hidden_dim": config.reward_hidden}, overwrite=overwrite
+    )
     if is_main_process():
         save_embedder_config(_embedder_config(config), out)
     return result.model
@@ -616,6 +660,12 @@ def _print(results: dict[str, Any], sizes: list[int]) -> None:
     print_policy_table(
         "implicit-reward accuracy, held-out users and prompts", results["models"], results["types"], sizes
     )
+    reward = results.get("reward_model") or {}
+    for name, row in reward.get("accuracy", {}).items():
+        console.print(
+            f"NP-BTL (best-of-N judge), {name} users: "
+            + ", ".join(f"N^C={k}: {v:.3f}" for k, v in row.items() if v is not None)
+        )
     flips = results["label_swap_flip_rate_by_context"]
     console.print("label swap flip rate: " + ", ".join(f"N^C={k}: {v:.2f}" for k, v in flips.items()))
     for label, stats in results["generation"].items():
