@@ -71,7 +71,9 @@ class NPDPORealConfig(TextDataConfig):
     init_encoder: bool = option(
         True, "start NP-DPO's context encoder from the study's NP-BTL (trained first on the same users)"
     )
-    freeze_encoder: bool = option(False, "keep NP-DPO's context encoder as the NP-BTL trained it")
+    freeze_encoder: bool = option(
+        True, "keep NP-DPO's context encoder as the NP-BTL trained it (FiLM learns to read its z)"
+    )
     lora_r: int = option(16, "LoRA rank (alpha = 2 r)")
     steps: int = option(300, "training steps of every policy")
     users_per_batch: int = option(4, "users per step")
@@ -79,7 +81,9 @@ class NPDPORealConfig(TextDataConfig):
     max_context: int = option(10, "largest N^C while training NP-DPO")
     policy_learning_rate: float = option(5e-4, "policy learning rate (AdamW, cosine)")
     beta: float = option(0.1, "DPO β")
-    nll_weight: float = option(0.2, "chosen-NLL weight (keeps generation fluent)")
+    nll_weight: float = option(
+        1.0, "chosen-NLL weight (keeps generation fluent; at 0.2 the chosen log-ratio sank to -45 nats)"
+    )
     prompt_tokens: int = option(64, "prompt budget (cut from the left)")
     response_tokens: int = option(128, "answer budget: answers are cut here and judged on what is left")
     mixed_precision: str = option(
