@@ -119,7 +119,7 @@ class NPDPORealConfig(TextDataConfig):
                 users_per_batch=2,
                 targets_per_user=1,
                 max_context=3,
-                response_tokens=64,
+                response_tokens=32,
                 prompt_tokens=32,
                 reward_steps=20,
                 reward_users=8,
