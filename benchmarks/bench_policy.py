@@ -42,7 +42,6 @@ from steerable.policy.model import ConditionalPolicy, PolicyConfig, load_base_mo
 from steerable.policy.sequences import SequenceStore, autocast_context, prefix_cache_for
 from steerable.policy.tokens import TokenizedPairs, pair_batch
 from steerable.policy.trainer import step_terms
-from steerable.utils.allocator import keep_freed_memory
 from steerable.utils.numerics import denormals_flushed
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -151,7 +150,6 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
-    keep_freed_memory()  # as every steerable command but serve (utils/allocator.py)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:

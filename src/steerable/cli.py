@@ -473,11 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``steerable`` console script; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
-    from steerable.utils.allocator import keep_freed_memory
     from steerable.utils.numerics import denormals_flushed
 
-    if argv[:1] != ["serve"]:  # batch jobs reuse their large buffers; serve returns them (allocator.py)
-        keep_freed_memory()
     try:
         with denormals_flushed():  # subnormal floats are slow on CPUs (utils/numerics.py)
             return int(args.run(args) or 0)

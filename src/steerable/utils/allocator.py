@@ -1,12 +1,10 @@
-"""How glibc's malloc treats large freed buffers: give them back (a server) or keep them (a trainer).
+"""How glibc's malloc treats large freed buffers (a process-wide setting; nothing where the C library is
+not glibc: macOS, musl).
 
-glibc serves allocations over its mmap threshold (at most 32 MiB) with fresh ``mmap`` pages and unmaps
-them on free. A training step on a CPU allocates and frees the same large tensors every step (the
-logits over the vocabulary at every response position: 75-150 MB for 4 sequences of 192 response tokens
-on SmolLM2), so each step page-faults them in again: measured in ``benchmarks/bench_policy.py``'s setting,
-~150,000 minor page faults and ~0.5 s of system CPU per step. A server wants the opposite: memory a
-request freed should go back to the system. Both are process-wide settings of the C allocator; they do
-nothing where the C library is not glibc (macOS, musl).
+Tried and not kept for training: ``M_MMAP_MAX = 0`` (large buffers from the heap, never trimmed) cut an
+NP-DPO step's ~150,000 page faults (its 75-150 MB logits are mmapped and unmapped every step) and ~0.5 s
+of system CPU in a fixed-shape benchmark, but with the varying batch shapes of a real run the heap
+fragmented: the npdpo-real study's process grew to 9.9 GB resident.
 """
 
 from __future__ import annotations
@@ -14,9 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 
 
@@ -26,13 +22,6 @@ def _mallopt(*settings: tuple[int, int]) -> bool:
         return all(libc.mallopt(option, value) == 1 for option, value in settings)
     except (OSError, AttributeError):  # not glibc
         return False
-
-
-def keep_freed_memory() -> bool:
-    """For training processes: large buffers come from the heap and stay there once freed (no mmap, no
-    trimming), so the next step reuses them without page faults. Peak RSS is unchanged (the same buffers
-    are reused); memory is not returned to the system until the process ends."""
-    return _mallopt((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def return_freed_memory() -> bool:
