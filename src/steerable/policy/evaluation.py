@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from steerable.data.sampler import TaskBatch, TaskSampler
 from steerable.data.schema import PreferenceData
@@ -125,7 +126,8 @@ class PolicyEvaluator:
             self.store.fill(sorted(p for p in scored if self.scored[p]), progress=False)
         out_margin, out_mode, out_task, out_user, out_pair = [], [], [], [], []
         task_offset = 0
-        for batch in batches:
+        label = "scoring (context labels swapped)" if swap_context else "scoring"
+        for batch in tqdm(batches, desc=label, leave=False, disable=None):  # no bar when not a terminal
             nc = batch.num_context
             targets = batch.pair_index[:, nc:]
             rows = [[int(p) for p in r if p >= 0 and self.scored[int(p)]] for r in targets]
