@@ -210,6 +210,8 @@ def main() -> None:
     args = parser.parse_args()
 
     config = RewardModelConfig(model_type="np-btl", input_dim=args.dim)  # the paper's sizes
+    if args.tmp is not None:
+        args.tmp.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         model_dir = build_reward_model(config, seed=args.seed).save_pretrained(Path(tmp) / "model")
         db = Path(tmp) / "prefs.db"
