@@ -7,8 +7,6 @@ import os
 import socket
 from pathlib import Path
 
-from steerable.utils.allocator import return_freed_memory
-
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``serve``."""
@@ -93,6 +91,22 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _return_freed_memory() -> None:
+    """glibc only: a fixed mmap threshold of 128 KiB, so that large buffers freed by requests (a user's
+    pairs, the encoder's activations) go back to the system, and one malloc arena per CPU instead of 8
+    (freed memory kept in many threads' arenas). glibc otherwise raises the threshold after each large
+    free and keeps such buffers in its heaps: with 8 threads personalising users of 1,000 pairs, peak RSS
+    was 1.26 GB with the defaults and 0.61 GB with the threshold alone."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.mallopt(-8, max(2, os.cpu_count() or 2))  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
+
+
 def _serve(app, sock: socket.socket, log_level: str) -> None:
     """Run uvicorn on the bound socket until interrupted."""
     import uvicorn
@@ -118,7 +132,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     if not args.max_cache_mb >= 0 or not args.db_timeout > 0:
         raise ConfigError("--max-cache-mb must be >= 0 and --db-timeout > 0")
     torch.set_num_threads(args.torch_threads)
-    return_freed_memory()
+    _return_freed_memory()
     token = args.token or os.environ.get("STEERABLE_TOKEN") or None
     limits = Limits(max_context=args.max_context, max_cache_bytes=int(args.max_cache_mb * 2**20))
     engine = build_engine(

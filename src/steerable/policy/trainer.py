@@ -406,8 +406,8 @@ def train_policy(
         write_json_atomic(out / "train_config.json", run)
     accelerator.wait_for_everyone()
     timings["train_s"] = seconds
-    if not totals and out is not None:  # nothing left to train: the last logged row of the finished run
-        totals = _last_logged_row(out / "metrics.csv")
+    if not totals and log.rows:  # nothing left to train: the last row the finished run logged
+        totals = {k: v for k, v in log.rows[-1].items() if k != "step"}
     return {
         "steps": step,
         "resumed_from": start,
@@ -416,17 +416,6 @@ def train_policy(
         "timings": timings,
         "num_processes": world,
     }
-
-
-def _last_logged_row(path: Path) -> dict[str, float]:
-    """The last row of a finished run's ``metrics.csv`` as numbers (empty if there is none)."""
-    import csv
-
-    if not path.exists():
-        return {}
-    with path.open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    return {k: float(v) for k, v in rows[-1].items() if k != "step" and v not in ("", None)} if rows else {}
 
 
 RESUMABLE_CHANGES = ("max_steps", "save_every", "log_every", "device", "cache_dir")  # may differ on resume
