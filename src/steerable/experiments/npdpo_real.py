@@ -472,7 +472,9 @@ def _train(
         log_every=max(1, min(10, config.steps // 4)),
         seed=seed,
     )
-    summary = train_policy(policy, subset, vectors.select_rows(rows), train_config, out / name, progress)
+    summary = train_policy(
+        policy, subset, vectors.select_rows(rows), train_config, out / name, progress, label=name
+    )
     final = summary["final"]
     per_step = summary["seconds"] / max(1, summary["steps"] - summary["resumed_from"])
     console.print(

@@ -216,12 +216,13 @@ def train_policy(
     out_dir: str | Path | None = None,
     progress: bool = True,
     description: dict[str, Any] | None = None,
+    label: str | None = None,
 ) -> dict[str, Any]:
     """Train ``policy`` on the users of ``embedded`` (pair i of ``tokens`` is pair i of ``embedded``).
 
     Saves ``policy.safetensors`` + ``policy_config.json`` + ``metrics.csv`` + ``train_config.json`` in
     ``out_dir`` (main process only) and resumes from ``out_dir/checkpoint`` when present. Returns the final
-    metrics and timings."""
+    metrics and timings. ``label`` names the progress bar (default: np-dpo or btl-dpo)."""
     from tqdm.auto import tqdm
 
     config = config or PolicyTrainConfig()
@@ -316,7 +317,7 @@ def train_policy(
     bar = tqdm(
         total=config.max_steps,
         initial=start,
-        desc="np-dpo" if policy.hooks is not None else "btl-dpo",
+        desc=label or ("np-dpo" if policy.hooks is not None else "btl-dpo"),
         disable=not progress or not main,
     )
     step = start
