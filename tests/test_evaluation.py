@@ -9,7 +9,12 @@ from conftest import tiny_config
 from steerable.bayes import BayesOptimalPredictor
 from steerable.data import TaskBatch
 from steerable.data.simulate import simulate, step_population
-from steerable.evaluation import clustered_stderr, evaluate, expected_calibration_error
+from steerable.evaluation import (
+    clustered_stderr,
+    evaluate,
+    expected_calibration_error,
+    type_probe_accuracy,
+)
 from steerable.models import build_reward_model
 from steerable.models.base import PreferenceOutput
 
@@ -169,3 +174,17 @@ def test_context_sizes_must_leave_targets(step_data):
     _, _, val = step_data
     with pytest.raises(ValueError, match="must exceed"):
         evaluate(ContextMemorizer(), val, [0, 20], num_targets=20)
+
+
+def test_type_probe_reads_the_type_and_cannot_recall_users():
+    """The probe finds a type z carries, and holds whole users out: a z that only names the user (whose
+    type was drawn at random) must not look informative, although each user has several tasks."""
+    rng = np.random.default_rng(0)
+    users = np.tile(np.arange(40), 5)  # 40 users x 5 tasks, users cycling as in evaluation tasks
+    user_type = rng.integers(0, 2, 40)
+    types = user_type[users]
+    carries_type = np.c_[2.0 * types - 1, np.zeros(len(users))] + 0.3 * rng.normal(size=(len(users), 2))
+    assert type_probe_accuracy(carries_type, types, users) > 0.95
+    names_user = np.eye(40)[users] + 0.01 * rng.normal(size=(len(users), 40))  # one-hot of the user
+    assert type_probe_accuracy(names_user, types, users) < 0.7
+    assert np.isnan(type_probe_accuracy(carries_type, np.zeros_like(types), users))

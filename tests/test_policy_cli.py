@@ -245,6 +245,7 @@ def test_npdpo_real_smoke_schema(tmp_path, tiny_encoder, tiny_decoder, monkeypat
         assert set(r["models"]["btl-dpo"]["accuracy"][t]) == {"0"}
         assert set(r["models"]["oracle-dpo"]["accuracy"][t]) == {"0"}
     assert set(r["label_swap_flip_rate_by_context"]) == {"3"}
+    assert set(r["user_embedding_type_probe"]) == {"3"}
     g = r["generation"]
     for condition in (
         "no-context",

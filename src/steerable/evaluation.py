@@ -125,6 +125,27 @@ def expected_calibration_error(prob_chosen: np.ndarray, num_bins: int = 10) -> f
     return float(ece)
 
 
+def type_probe_accuracy(latents: np.ndarray, types: np.ndarray, users: np.ndarray, folds: int = 5) -> float:
+    """How well user embeddings identify the hidden type: accuracy of a logistic regression from z (N, L)
+    to the type (N,), cross-validated with whole users held out (``users`` (N,); a user seen in training
+    would let the probe recall the user instead of reading the type). NaN with fewer than two types or
+    too few users; 0.5-ish for a z that carries no type."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    types, users = np.asarray(types), np.asarray(users)
+    folds = min(folds, len(np.unique(users)))
+    if len(np.unique(types)) < 2 or folds < 2:
+        return float("nan")
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    scores = cross_val_score(
+        probe, np.asarray(latents, np.float64), types, groups=users, cv=GroupKFold(folds)
+    )
+    return float(np.mean(scores))
+
+
 @dataclass
 class EvaluationResult:
     """Metrics per N^C for the model (and the Bayes-optimal reference, when known)."""

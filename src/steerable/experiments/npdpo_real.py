@@ -324,6 +324,7 @@ def run_npdpo_real(
     tasks = np_eval.tasks(sizes, config.eval_tasks, config.eval_targets, s_eval)
     tables = {"np-dpo": np_eval.accuracy_table(tasks, names)}
     flips = {str(n): np_eval.label_swap_flip_rate(tasks[n]) for n in sizes if n > 0}
+    probe = np_eval.type_probe(tasks)
     if "btl-dpo" in policies:
         tables["btl-dpo"] = evaluator(policies["btl-dpo"]).accuracy_table({0: tasks[sizes[0]]}, names)
     for mode, name in enumerate(names):
@@ -372,6 +373,7 @@ def run_npdpo_real(
             for name, table in tables.items()
         },
         "label_swap_flip_rate_by_context": flips,
+        "user_embedding_type_probe": probe,
         "reward_model": reward_accuracy,
         "generation": generation,
         "training": training,
@@ -674,6 +676,12 @@ def _print(results: dict[str, Any], sizes: list[int]) -> None:
         )
     flips = results["label_swap_flip_rate_by_context"]
     console.print("label swap flip rate: " + ", ".join(f"N^C={k}: {v:.2f}" for k, v in flips.items()))
+    probe = results.get("user_embedding_type_probe") or {}
+    if probe:
+        console.print(
+            "type read from NP-DPO's z (linear probe, users held out): "
+            + ", ".join(f"N^C={k}: {v:.2f}" for k, v in probe.items())
+        )
     for label, stats in results["generation"].items():
         if isinstance(stats, dict) and "nll_per_token" in stats:
             parts = [f"{t} {stats[t]['mean']:.2f} ± {stats[t]['stderr']:.2f}" for t in results["types"]]

@@ -8,6 +8,9 @@ clustered by user (:func:`~steerable.evaluation.clustered_stderr`): evaluation t
 log-probabilities do not depend on the user and are computed once per pair, in the same autocast context
 as the policy (``autocast``); with a prefix cache, both run from the frozen blocks' cached hidden states.
 
+The type probe asks the same question of z alone: can a linear read-out tell the user types apart
+from z (users held out)? A high probe with a low accuracy puts the gap in the policy, not the encoder.
+
 Label swap: the same tasks with every context pair's chosen and rejected exchanged; the flip rate is the
 share of scored targets whose predicted winner changes. A policy that ignores its context flips none.
 """
@@ -23,7 +26,7 @@ from tqdm.auto import tqdm
 
 from steerable.data.sampler import TaskBatch, TaskSampler
 from steerable.data.schema import PreferenceData
-from steerable.evaluation import clustered_stderr
+from steerable.evaluation import clustered_stderr, type_probe_accuracy
 from steerable.objectives import implicit_reward, prediction_hits
 from steerable.policy.model import ConditionalPolicy
 from steerable.policy.sequences import Autocast, PrefixCache, SequenceStore
@@ -208,6 +211,34 @@ class PolicyEvaluator:
                     "num_users": len(np.unique(part.user)),
                 }
         return dict(sorted(result.items(), key=lambda kv: kv[0] != "all"))
+
+    @torch.no_grad()
+    def type_probe(self, tasks: dict[int, list[TaskBatch]]) -> dict[str, float]:
+        """{N^C: how well z identifies the user's type} for N^C > 0 (:func:`type_probe_accuracy` on the
+        tasks' z, users held out): whether the context encoder tells the types apart, separately from
+        whether the policy acts on it. Empty for an unconditional policy."""
+        if self.policy.hooks is None:
+            return {}
+        device, out = self.policy.device, {}
+        for nc, batches in tasks.items():
+            if nc == 0:
+                continue
+            z, types, users = [], [], []
+            for b in batches:
+                context = (
+                    b.context_chosen.to(device),
+                    b.context_rejected.to(device),
+                    b.context_mask.to(device),
+                )
+                z.append(self.policy.encode(*context).float().cpu().numpy())
+                types.append(b.hidden_mode.numpy())
+                users.append(b.user_index.numpy())
+            types_all = np.concatenate(types)
+            known = types_all >= 0
+            out[str(nc)] = type_probe_accuracy(
+                np.concatenate(z)[known], types_all[known], np.concatenate(users)[known]
+            )
+        return out
 
     def label_swap_flip_rate(self, batches: list[TaskBatch]) -> float:
         """Share of scored targets whose predicted winner changes when the context's labels are swapped."""
