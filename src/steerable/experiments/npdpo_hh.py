@@ -66,7 +66,9 @@ class NPDPOHHConfig(TextDataConfig):
     gradient_checkpointing: bool = option(False, "recompute activations in backward (saves memory)")
     context_sizes: list[int] = option([0, 1, 3, 5, 10], "N^C values evaluated")
     eval_tasks: int = option(256, "evaluation tasks per N^C")
-    eval_targets: int = option(4, "scored pairs per evaluation task")
+    eval_targets: int = option(
+        4, "pairs per task beyond the largest N^C (each N^C scores every pair outside its context)"
+    )
     generation_prompts: int = option(32, "held-out prompts generated per type (0: no generation)")
     max_new_tokens: int = option(192, "tokens per generated response")
 

@@ -99,7 +99,9 @@ class NPDPORealConfig(TextDataConfig):
     learning_rate: float = option(3e-4, "NP-BTL learning rate (Adam; the policies': policy_learning_rate)")
     context_sizes: list[int] = option([0, 1, 3, 5, 10], "N^C values evaluated")
     eval_tasks: int = option(96, "evaluation tasks per N^C (users cycle)")
-    eval_targets: int = option(4, "scored pairs per evaluation task")
+    eval_targets: int = option(
+        4, "pairs per task beyond the largest N^C (each N^C scores every pair outside its context)"
+    )
     generation_prompts: int = option(32, "held-out prompts answered per condition (0: no generation)")
     generation_context: int = option(10, "context pairs of each generating user")
     best_of: int = option(8, "candidates per prompt for best-of-N (0: skip)")

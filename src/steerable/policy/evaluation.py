@@ -103,7 +103,9 @@ class PolicyEvaluator:
     def tasks(
         self, context_sizes: list[int], num_tasks: int, targets: int, seed: int
     ) -> dict[int, list[TaskBatch]]:
-        """Evaluation tasks with common random numbers across N^C (see ``TaskSampler.fixed_tasks``)."""
+        """Evaluation tasks with common random numbers across N^C (see ``TaskSampler.fixed_tasks``): each
+        task holds max(N^C) + ``targets`` pairs, and N^C scores the max(N^C) − N^C + ``targets`` outside
+        its context (14 at N^C = 0 and 4 at N^C = 10 for sizes up to 10 and 4 targets)."""
         sampler = TaskSampler(
             self.embedded, 0, max(context_sizes), num_targets=max(context_sizes) + targets, seed=seed
         )
