@@ -197,3 +197,6 @@ if __name__ == "__main__":
     rank = int(os.environ.get("RANK", "0"))
     result["world_size"] = int(os.environ.get("WORLD_SIZE", "1"))
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+    from steerable.utils.distributed import end_processes
+
+    end_processes()  # as the CLI does: a process exiting with its gloo group up can abort

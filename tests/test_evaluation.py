@@ -188,3 +188,16 @@ def test_type_probe_reads_the_type_and_cannot_recall_users():
     names_user = np.eye(40)[users] + 0.01 * rng.normal(size=(len(users), 40))  # one-hot of the user
     assert type_probe_accuracy(names_user, types, users) < 0.7
     assert np.isnan(type_probe_accuracy(carries_type, np.zeros_like(types), users))
+
+
+@pytest.mark.filterwarnings("error")
+def test_type_probe_with_few_users_keeps_both_types_in_every_training_fold():
+    """Few users of one type: a fold whose training part lacks a type cannot be fitted (a NaN score and a
+    warning); the folds are stratified by type and capped at the rarest type's number of users."""
+    rng = np.random.default_rng(1)
+    users = np.repeat(np.arange(6), np.array([2, 2, 6, 6, 6, 6]))  # the 2 rare-type users have fewer tasks
+    types = np.array([0, 0, 1, 1, 1, 1])[users]
+    latents = np.c_[2.0 * types - 1] + 0.3 * rng.normal(size=(len(users), 1))
+    assert type_probe_accuracy(latents, types, users) > 0.9
+    lone = np.where(users == 0, 0, 1)  # one user of type 0: it cannot be held out and probed
+    assert np.isnan(type_probe_accuracy(latents, lone, users))

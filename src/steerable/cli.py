@@ -473,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``steerable`` console script; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
+    from steerable.utils.distributed import end_processes
     from steerable.utils.numerics import denormals_flushed
 
     try:
@@ -487,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("steerable: interrupted (rerun the same command to resume training)", file=sys.stderr)
         return 130
+    finally:
+        end_processes()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -129,20 +129,21 @@ def type_probe_accuracy(latents: np.ndarray, types: np.ndarray, users: np.ndarra
     """How well user embeddings identify the hidden type: accuracy of a logistic regression from z (N, L)
     to the type (N,), cross-validated with whole users held out (``users`` (N,); a user seen in training
     would let the probe recall the user instead of reading the type). NaN with fewer than two types or
-    too few users; 0.5-ish for a z that carries no type."""
+    fewer than two users of each; 0.5-ish for a z that carries no type."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GroupKFold, cross_val_score
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     types, users = np.asarray(types), np.asarray(users)
-    folds = min(folds, len(np.unique(users)))
-    if len(np.unique(types)) < 2 or folds < 2:
+    # stratified, and no more folds than the rarest type has users: every training fold holds both types
+    users_per_type = [len(np.unique(users[types == t])) for t in np.unique(types)]
+    folds = min(folds, *users_per_type) if len(users_per_type) > 1 else 0
+    if folds < 2:
         return float("nan")
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    scores = cross_val_score(
-        probe, np.asarray(latents, np.float64), types, groups=users, cv=GroupKFold(folds)
-    )
+    cv = StratifiedGroupKFold(folds, shuffle=True, random_state=0)
+    scores = cross_val_score(probe, np.asarray(latents, np.float64), types, groups=users, cv=cv)
     return float(np.mean(scores))
 
 

@@ -32,6 +32,7 @@ def begin_study(out_dir: str | Path, name: str, title: str, seed: int, config: A
     Under ``torchrun`` / ``accelerate launch`` every process runs the study (the trainers share the work)
     and only the main one writes files and prints: the others' console is quiet."""
     from steerable import __version__
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not is_main_process():
