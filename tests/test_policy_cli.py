@@ -247,6 +247,7 @@ def test_npdpo_real_smoke_schema(tmp_path, tiny_encoder, tiny_decoder, monkeypat
     assert set(r["label_swap_flip_rate_by_context"]) == {"3"}
     assert set(r["user_embedding_type_probe"]) == {"3"}
     g = r["generation"]
+    assert g["prompts"] == 2  # --smoke asks for 2
     for condition in (
         "no-context",
         "base",
@@ -260,6 +261,22 @@ def test_npdpo_real_smoke_schema(tmp_path, tiny_encoder, tiny_decoder, monkeypat
     policy = ConditionalPolicy.from_pretrained(out / "np-dpo")
     assert len(calls) == 3 and torch.allclose(calls[2], _empty_set_z(policy), atol=1e-6)  # A, B, no context
     assert base_calls == [None]  # the base model's samples: no z (adapters and FiLM off)
+
+
+def test_generation_prompts_are_held_out_and_as_many_as_asked():
+    """Prompts the test users answered come first; when they are fewer than asked, other held-out prompts
+    fill up (seed 1's 96 test users answered 24 of the held-out prompts; 32 are asked for)."""
+    from steerable.experiments.npdpo_real import generation_prompts
+
+    answered = {f"a{i}" for i in range(24)}
+    held_out = answered | {f"h{i}" for i in range(20)}
+    prompts = generation_prompts(answered, held_out, 32, seed=1)
+    assert len(prompts) == len(set(prompts)) == 32 and set(prompts) <= held_out
+    assert answered <= set(prompts)  # every answered prompt is used before any other
+    assert prompts == generation_prompts(answered, held_out, 32, seed=1)
+    many = {f"a{i}" for i in range(40)}
+    assert set(generation_prompts(many, many | {"h"}, 32, seed=0)) <= many
+    assert len(generation_prompts(answered, answered, 32, seed=0)) == 24  # all there are
 
 
 def test_best_of_n_returns_the_answer_the_reward_model_ranks_first(

@@ -525,6 +525,18 @@ def _reward_model(
     return result.model
 
 
+def generation_prompts(answered: set[str], held_out: set[str], count: int, seed: int) -> list[str]:
+    """``count`` held-out prompts to answer, drawn first from those the test users answered, then (when
+    they are fewer) from the other held-out prompts; never a training prompt. Deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    first = sorted(answered)
+    prompts = [first[i] for i in rng.permutation(len(first))[:count]]
+    if len(prompts) < count:
+        rest = sorted(held_out - answered)
+        prompts += [rest[i] for i in rng.permutation(len(rest))[: count - len(prompts)]]
+    return prompts
+
+
 def _generation(
     policy: ConditionalPolicy,
     reward_model: Any,
@@ -537,10 +549,15 @@ def _generation(
 ) -> dict[str, Any]:
     """Answers to held-out prompts per condition; each type's attribute and the base model's NLL per
     token, mean ± standard error over prompts; a few samples per condition."""
-    rng = np.random.default_rng(seed)
     table = study.table
-    test_prompts = sorted({table.prompts[table.prompt_of[int(c)]] for c in test_picks.chosen[:, 0]})
-    prompts = [test_prompts[i] for i in rng.permutation(len(test_prompts))[: config.generation_prompts]]
+    answered = {table.prompts[table.prompt_of[int(c)]] for c in test_picks.chosen[:, 0]}
+    held_out = {table.prompts[p] for p in table.prompt_of[study.pools["test"].a]}
+    prompts = generation_prompts(answered, held_out, config.generation_prompts, seed)
+    if len(prompts) < config.generation_prompts:
+        console.print(
+            f"  [yellow]warning[/yellow]: only {len(prompts)} held-out prompts to answer "
+            f"(--generation-prompts {config.generation_prompts})"
+        )
     device = policy.device
     sampling = {"max_new_tokens": config.response_tokens, "temperature": config.temperature, "top_p": 0.95}
     chosen, rejected = np.asarray(test_vec.chosen), np.asarray(test_vec.rejected)
