@@ -388,3 +388,18 @@ def test_context_encoder_starts_from_a_trained_np_btl(tiny_world, tmp_path):
         assert torch.allclose(policy.eval().encode(*ctx), rm.encode(*ctx).mean, atol=1e-5)
     with pytest.raises(ConfigError, match="does not match"):
         _build(folder, encoder="mean", encoder_hidden=16, latent_dim=8).init_encoder_from(tmp_path / "rm")
+
+
+def test_disable_dropout_reaches_the_context_encoders_attention(tiny_world):
+    """Training mode with dropout disabled: the (attention) encoder gives the same z twice; its
+    nn.MultiheadAttention keeps its dropout as a float, which an nn.Dropout-only switch missed."""
+    from steerable.policy.trainer import disable_dropout
+
+    folder, *_ = tiny_world
+    policy = _build(folder, encoder="attention", encoder_hidden=16, latent_dim=8)
+    disable_dropout(policy)
+    policy.train()
+    ctx = (torch.randn(4, 5, 6), torch.randn(4, 5, 6), torch.ones(4, 5, dtype=torch.bool))
+    ctx[2][:, 3:] = False  # padded sets take the masked attention path
+    with torch.no_grad():
+        assert torch.equal(policy.encode(*ctx), policy.encode(*ctx))

@@ -263,6 +263,22 @@ def test_npdpo_real_smoke_schema(tmp_path, tiny_encoder, tiny_decoder, monkeypat
     assert base_calls == [None]  # the base model's samples: no z (adapters and FiLM off)
 
 
+def test_npdpo_real_same_seed_same_training(tmp_path, tiny_encoder, tiny_decoder):
+    """Same seed, same numbers: two runs give the same NP-DPO training log, whether the prefix cache is
+    filled during the run (cold) or read from an earlier one (warm). (The frozen encoder's attention
+    dropout, left on and drawn from an unseeded generator, made every run differ from its third step.)"""
+    def run(name: str) -> str:
+        args = ["experiment", "npdpo-real", "--out", str(tmp_path / name), "--seed", "0", "--smoke"]
+        args += ["--embedder", tiny_encoder, "--base-model", tiny_decoder, "--blocks", "last:1"]
+        args += ["--cache-dir", str(tmp_path / "cache"), "--max-length", "64", "--models", "np-dpo"]
+        args += ["--generation-prompts", "0"]
+        assert main(args) == 0
+        return (tmp_path / name / "np-dpo" / "metrics.csv").read_text()
+
+    cold = run("cold")
+    assert run("warm") == cold
+
+
 def test_generation_prompts_are_held_out_and_as_many_as_asked():
     """Prompts the test users answered come first; when they are fewer than asked, other held-out prompts
     fill up (seed 1's 96 test users answered 24 of the held-out prompts; 32 are asked for)."""

@@ -198,11 +198,14 @@ def step_terms(
 
 
 def disable_dropout(module: torch.nn.Module) -> None:
-    """Set every dropout probability of ``module`` to 0 (``nn.Dropout`` layers and the float
-    ``attention_dropout`` that Hugging Face attention modules pass to their kernels)."""
+    """Set every dropout probability of ``module`` to 0 (``nn.Dropout`` layers, the float ``dropout`` of
+    ``nn.MultiheadAttention`` (the context encoder's) and the float ``attention_dropout`` that Hugging Face
+    attention modules pass to their kernels)."""
     for m in module.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+        if isinstance(m, torch.nn.MultiheadAttention):
+            m.dropout = 0.0
         if isinstance(getattr(m, "attention_dropout", None), float):
             m.attention_dropout = 0.0
 
@@ -277,6 +280,9 @@ def train_policy(
     }
 
     start, horizon = 0, config.max_steps
+    # torch's generator drives whatever dropout is left on (disable_dropout=False): same seed, same run;
+    # a resumed run restores the state it had instead
+    torch.manual_seed(rank_seed(config.seed, rank))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         restored = load_checkpoint(out / "checkpoint", _Trainable(policy), optimizer)
