@@ -267,6 +267,7 @@ def test_npdpo_real_same_seed_same_training(tmp_path, tiny_encoder, tiny_decoder
     """Same seed, same numbers: two runs give the same NP-DPO training log, whether the prefix cache is
     filled during the run (cold) or read from an earlier one (warm). (The frozen encoder's attention
     dropout, left on and drawn from an unseeded generator, made every run differ from its third step.)"""
+
     def run(name: str) -> str:
         args = ["experiment", "npdpo-real", "--out", str(tmp_path / name), "--seed", "0", "--smoke"]
         args += ["--embedder", tiny_encoder, "--base-model", tiny_decoder, "--blocks", "last:1"]
