@@ -281,19 +281,20 @@ def test_npdpo_real_same_seed_same_training(tmp_path, tiny_encoder, tiny_decoder
 
 
 def test_generation_prompts_are_held_out_and_as_many_as_asked():
-    """Prompts the test users answered come first; when they are fewer than asked, other held-out prompts
-    fill up (seed 1's 96 test users answered 24 of the held-out prompts; 32 are asked for)."""
+    """Prompts the test users answered come first, then other test prompts, then validation prompts
+    (seed 1's test users answered all 24 test prompts; 32 are asked for); never a training prompt."""
     from steerable.experiments.npdpo_real import generation_prompts
 
-    answered = {f"a{i}" for i in range(24)}
-    held_out = answered | {f"h{i}" for i in range(20)}
-    prompts = generation_prompts(answered, held_out, 32, seed=1)
-    assert len(prompts) == len(set(prompts)) == 32 and set(prompts) <= held_out
-    assert answered <= set(prompts)  # every answered prompt is used before any other
-    assert prompts == generation_prompts(answered, held_out, 32, seed=1)
+    answered = {f"a{i}" for i in range(20)}
+    test = answered | {f"t{i}" for i in range(4)}
+    val = {f"v{i}" for i in range(30)}
+    prompts = generation_prompts([answered, test, val], 32, seed=1)
+    assert len(prompts) == len(set(prompts)) == 32 and set(prompts) <= test | val
+    assert test <= set(prompts)  # every test prompt before any validation prompt
+    assert prompts == generation_prompts([answered, test, val], 32, seed=1)
     many = {f"a{i}" for i in range(40)}
-    assert set(generation_prompts(many, many | {"h"}, 32, seed=0)) <= many
-    assert len(generation_prompts(answered, answered, 32, seed=0)) == 24  # all there are
+    assert set(generation_prompts([many, many | {"t"}, val], 32, seed=0)) <= many
+    assert len(generation_prompts([answered, test], 32, seed=0)) == 24  # all there are
 
 
 def test_best_of_n_returns_the_answer_the_reward_model_ranks_first(

@@ -525,15 +525,17 @@ def _reward_model(
     return result.model
 
 
-def generation_prompts(answered: set[str], held_out: set[str], count: int, seed: int) -> list[str]:
-    """``count`` held-out prompts to answer, drawn first from those the test users answered, then (when
-    they are fewer) from the other held-out prompts; never a training prompt. Deterministic in ``seed``."""
+def generation_prompts(groups: list[set[str]], count: int, seed: int) -> list[str]:
+    """``count`` prompts to answer, drawn from ``groups`` in order (each in a seeded random order) until
+    there are enough: the prompts the test users answered, the other test prompts, the validation
+    prompts; held out from the policies' training, all of them."""
     rng = np.random.default_rng(seed)
-    first = sorted(answered)
-    prompts = [first[i] for i in rng.permutation(len(first))[:count]]
-    if len(prompts) < count:
-        rest = sorted(held_out - answered)
-        prompts += [rest[i] for i in rng.permutation(len(rest))[: count - len(prompts)]]
+    prompts: list[str] = []
+    for group in groups:
+        fresh = sorted(group - set(prompts))
+        prompts += [fresh[i] for i in rng.permutation(len(fresh))[: count - len(prompts)]]
+        if len(prompts) >= count:
+            break
     return prompts
 
 
@@ -551,8 +553,8 @@ def _generation(
     token, mean ± standard error over prompts; a few samples per condition."""
     table = study.table
     answered = {table.prompts[table.prompt_of[int(c)]] for c in test_picks.chosen[:, 0]}
-    held_out = {table.prompts[p] for p in table.prompt_of[study.pools["test"].a]}
-    prompts = generation_prompts(answered, held_out, config.generation_prompts, seed)
+    test, val = ({table.prompts[p] for p in table.prompt_of[study.pools[s].a]} for s in ("test", "val"))
+    prompts = generation_prompts([answered, test, val], config.generation_prompts, seed)
     if len(prompts) < config.generation_prompts:
         console.print(
             f"  [yellow]warning[/yellow]: only {len(prompts)} held-out prompts to answer "
