@@ -13,7 +13,6 @@ CPU silently runs every rank alone). The process state is created once per proce
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any
 
 import torch
@@ -92,15 +91,14 @@ def end_processes() -> None:
     collective needs the GIL while the interpreter finalizes (cpython#87135). Collecting the DDP wrappers
     left in reference cycles and destroying the group first lets that thread finish while Python runs.
     """
-    if "accelerate" not in sys.modules:  # nothing started a group (and a plain CLI exit stays cheap)
-        return
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return  # a single process: nothing to shut down (and no collection on every CLI exit)
+    import gc
+
     from accelerate import PartialState
 
-    if PartialState._shared_state:
-        import gc
-
-        gc.collect()
-        PartialState().destroy_process_group()
+    gc.collect()
+    PartialState().destroy_process_group()
 
 
 def rank_seed(seed: int, rank: int) -> int:
