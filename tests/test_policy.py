@@ -355,10 +355,13 @@ def test_resume_refuses_other_data_and_keeps_the_schedule(tiny_world, tmp_path):
     )
     with pytest.raises(ConfigError, match="training data"):
         train_policy(_build(folder), tokens, other, _train_config(max_steps=8), tmp_path, progress=False)
+    first = json.loads((tmp_path / "checkpoint" / "trainer_state.json").read_text())["train_seconds"]
     longer = train_policy(
         _build(folder), tokens, vectors, _train_config(max_steps=8), tmp_path, progress=False
     )
     assert longer["resumed_from"] == 4
+    # the time reported for the checkpoint counts the first run's steps too, not only this run's
+    assert first > 0 and longer["total_seconds"] == pytest.approx(first + longer["seconds"])
     rows = (tmp_path / "metrics.csv").read_text().splitlines()[1:]
     lrs = [float(r.split(",")[-1]) for r in rows]
     config = _train_config(max_steps=4)

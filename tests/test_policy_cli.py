@@ -245,6 +245,8 @@ def test_npdpo_real_smoke_schema(tmp_path, tiny_encoder, tiny_decoder, monkeypat
         assert set(r["models"]["btl-dpo"]["accuracy"][t]) == {"0"}
         assert set(r["models"]["oracle-dpo"]["accuracy"][t]) == {"0"}
     assert set(r["label_swap_flip_rate_by_context"]) == {"3"}
+    assert set(r["label_swap_flip_rate_of_oracles_by_context"]) == {"3"}
+    assert 0.0 <= r["label_swap_flip_rate_of_oracles_by_context"]["3"] <= 1.0
     assert set(r["user_embedding_type_probe"]) == {"3"}
     g = r["generation"]
     assert g["prompts"] == 2  # --smoke asks for 2
@@ -336,3 +338,16 @@ def test_best_of_n_returns_the_answer_the_reward_model_ranks_first(
     )
     assert np.allclose(rewards, row["rewards"], atol=1e-5)
     assert row["best"] == row["candidates"][int(np.argmax(rewards))]
+
+
+def test_oracle_disagreement_counts_pairs_where_the_two_oracles_pick_different_winners():
+    """The label swap's yardstick: a pair counts when the oracles' predicted winners differ (a tie ½ is
+    its own prediction), once per scored target (a pair scored in two tasks counts twice)."""
+    from steerable.experiments.npdpo_real import oracle_disagreement
+
+    a = {0: 1.0, 1: 1.0, 2: 0.0, 3: 0.5}
+    b = {0: 0.0, 1: 1.0, 2: 1.0, 3: 0.5}
+    assert oracle_disagreement(np.array([0, 1, 2, 3]), a, b) == 0.5
+    assert oracle_disagreement(np.array([0, 0, 1, 3]), a, b) == 0.5
+    assert oracle_disagreement(np.array([1, 3]), a, b) == 0.0
+    assert np.isnan(oracle_disagreement(np.array([], dtype=np.int64), a, b))

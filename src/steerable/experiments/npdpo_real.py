@@ -38,8 +38,9 @@ from steerable.evaluation import evaluate
 from steerable.experiments.common import begin_study, child_seeds, console, train_model, write_results
 from steerable.experiments.policy_report import plot_training, print_policy_table
 from steerable.experiments.text_common import TextDataConfig, mode_population, prepare_text_study
+from steerable.objectives import prediction_hits
 from steerable.policy.best_of_n import sample_candidates, score_candidates
-from steerable.policy.evaluation import PolicyEvaluator, tasks_of_mode
+from steerable.policy.evaluation import PolicyEvaluator
 from steerable.policy.generation import SteeredPolicy, generate
 from steerable.policy.model import ConditionalPolicy, PolicyConfig, load_base_model
 from steerable.policy.sequences import autocast_context, prefix_cache_for
@@ -324,23 +325,35 @@ def run_npdpo_real(
 
     np_eval = evaluator(policies["np-dpo"])
     tasks = np_eval.tasks(sizes, config.eval_tasks, config.eval_targets, s_eval)
+    # one line per phase: the progress bars stay silent in a log file, and this phase takes minutes
     tables = {"np-dpo": np_eval.accuracy_table(tasks, names)}
+    console.print(f"  evaluated np-dpo at N^C {sizes}: {time.perf_counter() - t:.0f} s")
     flips = {str(n): np_eval.label_swap_flip_rate(tasks[n]) for n in sizes if n > 0}
     probe = np_eval.type_probe(tasks)
+    console.print(f"  label swap and type probe: {time.perf_counter() - t:.0f} s")
     if "btl-dpo" in policies:
         tables["btl-dpo"] = evaluator(policies["btl-dpo"]).accuracy_table({0: tasks[sizes[0]]}, names)
-    for mode, name in enumerate(names):
+    # each oracle scores every user's targets: its accuracy is read on its own type's users, and the
+    # two oracles' disagreement is the label swap's yardstick (below)
+    oracle_winners: dict[str, dict[int, float]] = {}
+    for name in names:
         if f"oracle-{name}" not in policies:
             continue
-        own = tasks_of_mode({0: tasks[sizes[0]]}, mode)
-        tables.setdefault("oracle-dpo", {}).update(
-            {
-                k: v
-                for k, v in evaluator(policies[f"oracle-{name}"]).accuracy_table(own, names).items()
-                if k == name
-            }
-        )
+        oracle_eval = evaluator(policies[f"oracle-{name}"])
+        tables.setdefault("oracle-dpo", {})[name] = oracle_eval.accuracy_table({0: tasks[sizes[0]]}, names)[
+            name
+        ]
+        margins = oracle_eval.margins(tasks[sizes[0]])
+        hits = prediction_hits(margins.margin).tolist()
+        oracle_winners[name] = dict(zip(margins.pair.tolist(), hits, strict=True))
+    oracle_flips = {}
+    if len(oracle_winners) == 2:
+        oracle_flips = {
+            n: oracle_disagreement(np_eval.margins(tasks[int(n)]).pair, *oracle_winners.values())
+            for n in flips
+        }
     timings["evaluation_s"] = time.perf_counter() - t
+    console.print(f"  evaluation: {timings['evaluation_s']:.0f} s")
 
     # generation: NP-DPO per user type, no context, base; best-of-N with NP-BTL
     t = time.perf_counter()
@@ -375,6 +388,9 @@ def run_npdpo_real(
             for name, table in tables.items()
         },
         "label_swap_flip_rate_by_context": flips,
+        # the same targets' flip rate for a policy that becomes each type's oracle: the two oracles'
+        # predicted winners differ (its ceiling: both oracles right, or both wrong)
+        "label_swap_flip_rate_of_oracles_by_context": oracle_flips,
         "user_embedding_type_probe": probe,
         "reward_model": reward_accuracy,
         "generation": generation,
@@ -394,6 +410,15 @@ def run_npdpo_real(
         _plots(out, results, sizes)
     _print(results, sizes)
     return results
+
+
+def oracle_disagreement(pairs: np.ndarray, winners_a: dict[int, float], winners_b: dict[int, float]) -> float:
+    """Share of ``pairs`` (M,) on which two unconditional policies pick different winners (their
+    prediction hits per pair, a tie ½): what the label swap of a policy that becomes oracle A under A's
+    context and oracle B under B's would flip."""
+    if not len(pairs):
+        return float("nan")
+    return float(np.mean([winners_a[int(p)] != winners_b[int(p)] for p in pairs]))
 
 
 def _reward_accuracy(
@@ -480,10 +505,11 @@ def _train(
         policy, subset, vectors.select_rows(rows), train_config, out / name, progress, label=name
     )
     final = summary["final"]
-    per_step = summary["seconds"] / max(1, summary["steps"] - summary["resumed_from"])
+    per_step = summary["total_seconds"] / max(1, summary["steps"])
+    resumed = f", resumed at step {summary['resumed_from']}" if summary["resumed_from"] else ""
     console.print(
         f"  trained [bold]{name}[/bold] on {len(rows)} pairs: {summary['steps']} steps, "
-        f"{summary['seconds']:.0f} s ({per_step:.2f} s/step); last step: acc "
+        f"{summary['total_seconds']:.0f} s ({per_step:.2f} s/step{resumed}); last step: acc "
         f"{final.get('rewards/accuracies', float('nan')):.2f}, log-ratio chosen "
         f"{final.get('logratio/chosen', float('nan')):+.2f} / rejected "
         f"{final.get('logratio/rejected', float('nan')):+.2f}"
@@ -491,7 +517,8 @@ def _train(
     return policy.eval(), {
         "pairs": len(rows),
         "steps": summary["steps"],
-        "seconds": summary["seconds"],
+        "seconds": summary["total_seconds"],  # training, over every run that made this checkpoint
+        "seconds_this_run": summary["seconds"],
         "final": final,
         "timings": summary["timings"],
     }
@@ -661,13 +688,24 @@ def _plots(out: Path, results: dict[str, Any], sizes: list[int]) -> None:
 
     from steerable.experiments.policy_report import plot_policy_accuracy
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, (ax, swap_ax) = plt.subplots(1, 2, figsize=(10.5, 4.2), width_ratios=(3, 2))
     plot_policy_accuracy(
         ax, results["models"], results["types"], sizes, "implicit-reward accuracy", errors=True
     )
     ax.set_title(
-        "NP-DPO on SmolLM2-135M, held-out users and prompts" + (" (smoke)" if results["smoke"] else "")
+        "NP-DPO on SmolLM2-135M, held-out users and prompts" + (" (smoke)" if results["smoke"] else ""),
+        fontsize=10,
     )
+    for key, label, style in (
+        ("label_swap_flip_rate_by_context", "NP-DPO: label swap flip rate", "o-"),
+        ("label_swap_flip_rate_of_oracles_by_context", "the two oracles disagree", "s--"),
+        ("user_embedding_type_probe", "type read from z (probe)", "^:"),
+    ):
+        row = results.get(key) or {}
+        if row:
+            swap_ax.plot([int(k) for k in row], list(row.values()), style, label=label)
+    swap_ax.set(xlabel="N^C (context pairs)", ylabel="share", ylim=(0, 1.02), title="label swap")
+    swap_ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "npdpo_real.png", dpi=120)
     plt.close(fig)
@@ -697,6 +735,11 @@ def _print(results: dict[str, Any], sizes: list[int]) -> None:
         )
     flips = results["label_swap_flip_rate_by_context"]
     console.print("label swap flip rate: " + ", ".join(f"N^C={k}: {v:.2f}" for k, v in flips.items()))
+    bound = results.get("label_swap_flip_rate_of_oracles_by_context") or {}
+    if bound:
+        console.print(
+            "  the two oracles disagree on: " + ", ".join(f"N^C={k}: {v:.2f}" for k, v in bound.items())
+        )
     probe = results.get("user_embedding_type_probe") or {}
     if probe:
         console.print(

@@ -56,28 +56,6 @@ class TargetMargins:
         return clustered_stderr(hits, np.ones_like(hits), self.user)
 
 
-def tasks_of_mode(tasks: dict[int, list[TaskBatch]], mode: int) -> dict[int, list[TaskBatch]]:
-    """The tasks whose user has hidden mode ``mode`` (e.g. an oracle scored on its own type's users)."""
-    from dataclasses import fields
-
-    out: dict[int, list[TaskBatch]] = {}
-    for nc, batches in tasks.items():
-        kept = []
-        for batch in batches:
-            keep = batch.hidden_mode == mode
-            if keep.any():
-                kept.append(
-                    TaskBatch(
-                        **{
-                            f.name: None if getattr(batch, f.name) is None else getattr(batch, f.name)[keep]
-                            for f in fields(batch)
-                        }
-                    )
-                )
-        out[nc] = kept
-    return out
-
-
 class PolicyEvaluator:
     """Scores held-out users' pairs with a policy (see the module docstring)."""
 

@@ -279,7 +279,7 @@ def train_policy(
         **(description or {}),
     }
 
-    start, horizon = 0, config.max_steps
+    start, horizon, earlier_seconds = 0, config.max_steps, 0.0
     # torch's generator drives whatever dropout is left on (disable_dropout=False): same seed, same run;
     # a resumed run restores the state it had instead
     torch.manual_seed(rank_seed(config.seed, rank))
@@ -296,6 +296,7 @@ def train_policy(
                 )
             start = meta["step"]
             horizon = meta.get("schedule_steps", meta["run"]["train"]["max_steps"])
+            earlier_seconds = float(meta.get("train_seconds", 0.0))  # spent by the runs before this one
             restore_rng_states(rng, accelerator, sampler, device)
     wrapped, optimizer = accelerator.prepare(policy, optimizer)
     log = MetricsLog(out if main else None, start, METRICS)
@@ -401,7 +402,12 @@ def train_policy(
         if out is not None and (step % config.save_every == 0 or step == config.max_steps):
             rng = gather_rng_states(accelerator, rng_states(sampler.get_state(), device))
             if main:
-                state = {"step": step, "run": run, "schedule_steps": horizon}
+                state = {
+                    "step": step,
+                    "run": run,
+                    "schedule_steps": horizon,
+                    "train_seconds": earlier_seconds + time.perf_counter() - started,
+                }
                 save_checkpoint(out / "checkpoint", _Trainable(policy), optimizer, rng, state)
             accelerator.wait_for_everyone()
     bar.close()
@@ -418,7 +424,8 @@ def train_policy(
     return {
         "steps": step,
         "resumed_from": start,
-        "seconds": seconds,
+        "seconds": seconds,  # this run
+        "total_seconds": earlier_seconds + seconds,  # every run that trained this checkpoint
         "final": totals,
         "timings": timings,
         "num_processes": world,
