@@ -4,6 +4,7 @@ resume, evaluation and generation — on tiny models built from configs."""
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from steerable.data.schema import PreferenceData  # noqa: E402
+from steerable.errors import ConfigError  # noqa: E402
 from steerable.objectives import btl_log_prob, dpo_loss  # noqa: E402
 from steerable.policy.blocks import find_attention, find_decoder_blocks  # noqa: E402
 from steerable.policy.evaluation import PolicyEvaluator  # noqa: E402
@@ -126,6 +128,50 @@ def test_each_row_is_modulated_by_its_own_user():
             rows = (row_user == u).nonzero().flatten()
             alone, _ = policy(ids[rows], att[rows], mask[rows], tuple(c[u : u + 1] for c in ctx))
             assert torch.allclose(together[rows], alone, atol=1e-5)
+
+
+def test_lora_gates_start_as_the_identity_and_give_each_user_its_own_adapters(tmp_path):
+    """Conditional adapters: z modulates every LoRA bottleneck of the modulated blocks; fresh gates change
+    nothing, trained ones change each row by its own user, the reference ignores them, and they are
+    saved and loaded with the rest of the trained weights."""
+    torch.manual_seed(2)
+    base = _tiny_models()["llama"].eval()
+    ids = torch.randint(0, 64, (4, 7))
+    expected = _sequence_log_probs(base, ids).sum(1)  # before peft wraps the base in place
+    base_weights = {k: v.clone() for k, v in base.state_dict().items()}
+    policy = _policy(base, lora_gates=True).eval()
+    assert len(policy.gate_hooks.modules) == 3 * 7  # q, k, v, o, gate, up, down in each of 3 blocks
+    assert all(m.out_features == 4 for m in policy.gate_hooks.modules)  # the rank-r bottleneck
+    for name, p in policy.lm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    att, mask = torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool)
+    ctx = (torch.randn(2, 3, 6), torch.randn(2, 3, 6), torch.ones(2, 3, dtype=torch.bool))
+    row_user = torch.tensor([0, 1, 1, 0])
+
+    def log_probs(model, gates_on=True):
+        with torch.no_grad(), nullcontext() if gates_on else model.gate_hooks.disabled():
+            return model(ids, att, mask, ctx, row_user)[0]
+
+    assert torch.allclose(log_probs(policy), log_probs(policy, gates_on=False), atol=1e-6)
+    torch.nn.init.normal_(policy.gate_network.net[-1].weight, std=0.5)
+    assert (log_probs(policy) - log_probs(policy, gates_on=False)).abs().max() > 1e-2
+    for u in (0, 1):  # each row by its own user's gates
+        rows = (row_user == u).nonzero().flatten()
+        with torch.no_grad():
+            alone, _ = policy(ids[rows], att[rows], mask[rows], tuple(c[u : u + 1] for c in ctx))
+        assert torch.allclose(log_probs(policy)[rows], alone, atol=1e-5)
+    reference = policy.reference_log_probs(ids, att, mask)
+    assert torch.allclose(reference, expected, atol=1e-5)
+    assert any(k.startswith("gates.") for k in policy.trainable_state_dict())
+    same_base = _tiny_models()["llama"].eval()
+    same_base.load_state_dict(base_weights)
+    fresh = _policy(same_base, lora_gates=True).eval()
+    with torch.no_grad():
+        fresh.load_trainable_state_dict(policy.trainable_state_dict())
+    assert torch.allclose(log_probs(fresh), log_probs(policy), atol=1e-6)
+    with pytest.raises(ConfigError, match="lora_gates"):
+        PolicyConfig(lora_gates=True, lora_r=0)
 
 
 def test_block_selection_and_attention_lookup():

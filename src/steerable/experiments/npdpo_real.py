@@ -76,6 +76,9 @@ class NPDPORealConfig(TextDataConfig):
         True, "keep NP-DPO's context encoder as the NP-BTL trained it (FiLM learns to read its z)"
     )
     lora_r: int = option(16, "LoRA rank (alpha = 2 r)")
+    lora_gates: bool = option(
+        False, "NP-DPO's z also modulates each LoRA adapter's rank bottleneck (conditional adapters)"
+    )
     steps: int = option(300, "training steps of every policy")
     users_per_batch: int = option(4, "users per step")
     targets_per_user: int = option(2, "target pairs per user per step")
@@ -468,6 +471,7 @@ def _train(
         conditional=conditional,
         lora_r=config.lora_r,
         lora_alpha=max(1, 2 * config.lora_r),
+        lora_gates=config.lora_gates and conditional,
         blocks=config.blocks,
         input_dim=vectors.dim if conditional else 0,
         # the NP-BTL's encoder (attention, its width, z of 256), so that it can start from it

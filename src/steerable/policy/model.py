@@ -3,8 +3,11 @@ are FiLM-modulated per user by a hypernetwork of the user's context embedding z 
 
 z = NP set encoder over the user's context pairs, each pair given as the frozen embedder's vectors of
 the chosen and rejected options (the same encoder as NP-BTL). γ, β = hypernetwork(z) for every modulated
-block. With ``conditional=False`` there is no encoder and no FiLM: the same class is the BTL-DPO baseline
-(plain LoRA-DPO).
+block. With ``lora_gates`` (beyond the paper) z also FiLM-modulates every LoRA adapter's r-wide bottleneck,
+h = A x -> γ'(z) ⊙ h + β'(z) before B: the adapters become a z-dependent mix of rank-1 updates, so users
+of different kinds can get different weight updates, not only different attention outputs (identity when
+fresh, like FiLM). With ``conditional=False`` there is no encoder and no FiLM: the same class is the
+BTL-DPO baseline (plain LoRA-DPO).
 
 The reference policy π_ref is this very model with the adapters disabled, FiLM off and dropout off
 (:meth:`ConditionalPolicy.reference_log_probs`): one copy of the base weights in memory.
@@ -70,6 +73,10 @@ class PolicyConfig:
     )
     encoder_hidden: int = option(256, "context encoder width")
     hyper_hidden: int = option(256, "FiLM hypernetwork width")
+    lora_gates: bool = option(
+        False,
+        "z also modulates each LoRA adapter's rank bottleneck (conditional adapters; beyond the paper)",
+    )
     input_dim: int = option(0, "width of the context options' embeddings (set from the data)")
     dtype: str = option("float32", "base model weights: float32 | bfloat16 | float16", choices=list(DTYPES))
     max_length: int = option(0, "tokens per prompt + response it was trained on (set by the trainer)")
@@ -81,6 +88,8 @@ class PolicyConfig:
             raise ConfigError(f"need lora_r >= 0 and lora_alpha > 0, got {self.lora_r}, {self.lora_alpha}")
         if self.latent_dim < 1 or self.encoder_hidden < 1 or self.hyper_hidden < 1:
             raise ConfigError("latent_dim, encoder_hidden and hyper_hidden must be >= 1")
+        if self.lora_gates and (not self.conditional or self.lora_r < 1):
+            raise ConfigError("lora_gates needs a conditional policy with LoRA (lora_r >= 1)")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,6 +169,23 @@ def lora_target_modules(base: nn.Module, blocks: list[int], targets: str) -> str
     return names
 
 
+def lora_bottlenecks(blocks: list[nn.Module]) -> list[nn.Module]:
+    """Every LoRA down-projection A (in -> r) inside ``blocks``, in order: where the LoRA gates act."""
+    from peft.tuners.lora import LoraLayer
+
+    found = [
+        layer.lora_A[adapter]
+        for block in blocks
+        for layer in block.modules()
+        if isinstance(layer, LoraLayer)
+        for adapter in layer.active_adapters
+        if adapter in layer.lora_A
+    ]
+    if not found:
+        raise ConfigError("lora_gates: no LoRA adapter in the modulated blocks")
+    return found
+
+
 def _uses_conv1d(base: nn.Module) -> bool:
     """GPT-2-style models store linear weights transposed (transformers' ``Conv1D``); LoRA must know."""
     return any(type(m).__name__ == "Conv1D" for m in base.modules())
@@ -192,6 +218,7 @@ class ConditionalPolicy(nn.Module):
                 base = get_peft_model(base, lora)
         self.lm = base
         self.hooks: FiLMHooks | None = None
+        self.gate_hooks: FiLMHooks | None = None
         if config.conditional:
             if config.input_dim < 1:
                 raise ConfigError("a conditional policy needs input_dim (the context embeddings' width)")
@@ -207,6 +234,12 @@ class ConditionalPolicy(nn.Module):
             self.register_buffer("input_scale", torch.ones(config.input_dim))
             attention = [find_attention(blocks[i], config.attention_name) for i in self.block_index]
             self.hooks = FiLMHooks(attention)
+            if config.lora_gates:
+                bottlenecks = lora_bottlenecks([blocks[i] for i in self.block_index])
+                self.gate_network = FiLMHypernetwork(
+                    config.latent_dim, len(bottlenecks), config.lora_r, config.hyper_hidden
+                )
+                self.gate_hooks = FiLMHooks(bottlenecks)
 
     # ---- context -> FiLM ---------------------------------------------------------------------------
     @property
@@ -270,15 +303,21 @@ class ConditionalPolicy(nn.Module):
     def modulate(self, z: Tensor | None, row_user: Tensor | None = None) -> None:
         """Set FiLM for the next forward passes: row r of the batch is modulated by user ``row_user[r]``'s
         z (default: row r by z[r]). None: no FiLM."""
-        if self.hooks is None:
-            return
-        if z is None:
-            self.hooks.clear()
-            return
-        gamma, beta = self.hypernetwork(z)
-        if row_user is not None:
-            gamma, beta = gamma[row_user], beta[row_user]
-        self.hooks.set(gamma, beta)
+        for hooks, network in self._modulations():
+            if z is None:
+                hooks.clear()
+                continue
+            gamma, beta = network(z)
+            if row_user is not None:
+                gamma, beta = gamma[row_user], beta[row_user]
+            hooks.set(gamma, beta)
+
+    def _modulations(self) -> list[tuple[FiLMHooks, FiLMHypernetwork]]:
+        """(hooks, the hypernetwork that sets them): FiLM, then the LoRA gates when there are any."""
+        out = [] if self.hooks is None else [(self.hooks, self.hypernetwork)]
+        if self.gate_hooks is not None:
+            out.append((self.gate_hooks, self.gate_network))
+        return out
 
     # ---- log-probabilities -------------------------------------------------------------------------
     def response_log_probs(
@@ -395,8 +434,8 @@ class ConditionalPolicy(nn.Module):
         with ExitStack() as stack:
             if self.config.lora_r > 0:
                 stack.enter_context(self.lm.disable_adapter())
-            if self.hooks is not None:
-                stack.enter_context(self.hooks.disabled())
+            for hooks, _ in self._modulations():
+                stack.enter_context(hooks.disabled())
             try:
                 yield
             finally:
@@ -411,7 +450,7 @@ class ConditionalPolicy(nn.Module):
 
             state.update({f"lora.{k}": v for k, v in get_peft_model_state_dict(self.lm).items()})
         if self.hooks is not None:
-            for prefix, module in (("encoder", self.encoder), ("hypernetwork", self.hypernetwork)):
+            for prefix, module in self._trained_modules():
                 state.update({f"{prefix}.{k}": v for k, v in module.state_dict().items()})
             state["input_shift"], state["input_scale"] = self.input_shift, self.input_scale
         return {k: v.detach() for k, v in state.items()}
@@ -430,11 +469,15 @@ class ConditionalPolicy(nn.Module):
 
             set_peft_model_state_dict(self.lm, {k[5:]: v for k, v in state.items() if k.startswith("lora.")})
         if self.hooks is not None:
-            for prefix, module in (("encoder", self.encoder), ("hypernetwork", self.hypernetwork)):
+            for prefix, module in self._trained_modules():
                 n = len(prefix) + 1
                 module.load_state_dict({k[n:]: v for k, v in state.items() if k.startswith(prefix + ".")})
             self.input_shift.copy_(state["input_shift"])
             self.input_scale.copy_(state["input_scale"])
+
+    def _trained_modules(self) -> list[tuple[str, nn.Module]]:
+        modules = [("encoder", self.encoder), ("hypernetwork", self.hypernetwork)]
+        return modules + ([("gates", self.gate_network)] if self.gate_hooks is not None else [])
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

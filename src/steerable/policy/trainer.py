@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from steerable.data.sampler import TaskSampler
 from steerable.data.schema import PreferenceData
 from steerable.errors import ConfigError
 from steerable.objectives import dpo_loss, implicit_reward
-from steerable.policy.model import ConditionalPolicy
+from steerable.policy.model import ConditionalPolicy, PolicyConfig
 from steerable.policy.sequences import SequenceStore, prefix_cache_for
 from steerable.policy.tokens import PairBatch, TokenizedPairs, pair_batch
 from steerable.training import MetricsLog
@@ -450,7 +450,13 @@ def data_fingerprint(tokens: TokenizedPairs, embedded: PreferenceData) -> str:
 def _changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Settings that differ between a checkpointed run and this one (``policy.*``, ``train.*``, the data
     and the number of processes)."""
-    changed = [f"policy.{k}" for k in current["policy"] if saved["policy"].get(k) != current["policy"][k]]
+    # a setting added after the checkpoint was written had its default then
+    defaults = {f.name: f.default for f in fields(PolicyConfig)}
+    changed = [
+        f"policy.{k}"
+        for k in current["policy"]
+        if saved["policy"].get(k, defaults.get(k)) != current["policy"][k]
+    ]
     changed += [
         f"train.{k}"
         for k in current["train"]
