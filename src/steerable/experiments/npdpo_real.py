@@ -509,12 +509,16 @@ def _train(
         policy, subset, vectors.select_rows(rows), train_config, out / name, progress, label=name
     )
     final = summary["final"]
-    per_step = summary["total_seconds"] / max(1, summary["steps"])
-    resumed = f", resumed at step {summary['resumed_from']}" if summary["resumed_from"] else ""
+    total, resumed = summary["total_seconds"], summary["resumed_from"]
+    took = (
+        "time not recorded"
+        if total is None
+        else f"{total:.0f} s, {total / max(1, summary['steps']):.2f} s/step"
+    )
+    took += f", resumed at step {resumed}" if resumed else ""
     console.print(
-        f"  trained [bold]{name}[/bold] on {len(rows)} pairs: {summary['steps']} steps, "
-        f"{summary['total_seconds']:.0f} s ({per_step:.2f} s/step{resumed}); last step: acc "
-        f"{final.get('rewards/accuracies', float('nan')):.2f}, log-ratio chosen "
+        f"  trained [bold]{name}[/bold] on {len(rows)} pairs: {summary['steps']} steps ({took}); "
+        f"last step: acc {final.get('rewards/accuracies', float('nan')):.2f}, log-ratio chosen "
         f"{final.get('logratio/chosen', float('nan')):+.2f} / rejected "
         f"{final.get('logratio/rejected', float('nan')):+.2f}"
     )
@@ -708,7 +712,7 @@ def _plots(out: Path, results: dict[str, Any], sizes: list[int]) -> None:
         row = results.get(key) or {}
         if row:
             swap_ax.plot([int(k) for k in row], list(row.values()), style, label=label)
-    swap_ax.set(xlabel="N^C (context pairs)", ylabel="share", ylim=(0, 1.02), title="label swap")
+    swap_ax.set(xlabel="N^C (context pairs)", ylabel="share", ylim=(0, 1.02), title="label swap, and z")
     swap_ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "npdpo_real.png", dpi=120)

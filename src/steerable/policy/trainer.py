@@ -279,7 +279,8 @@ def train_policy(
         **(description or {}),
     }
 
-    start, horizon, earlier_seconds = 0, config.max_steps, 0.0
+    start, horizon = 0, config.max_steps
+    earlier_seconds: float | None = 0.0  # None: spent by a version that did not record it
     # torch's generator drives whatever dropout is left on (disable_dropout=False): same seed, same run;
     # a resumed run restores the state it had instead
     torch.manual_seed(rank_seed(config.seed, rank))
@@ -296,7 +297,7 @@ def train_policy(
                 )
             start = meta["step"]
             horizon = meta.get("schedule_steps", meta["run"]["train"]["max_steps"])
-            earlier_seconds = float(meta.get("train_seconds", 0.0))  # spent by the runs before this one
+            earlier_seconds = meta.get("train_seconds") if start else 0.0  # by the runs before this one
             restore_rng_states(rng, accelerator, sampler, device)
     wrapped, optimizer = accelerator.prepare(policy, optimizer)
     log = MetricsLog(out if main else None, start, METRICS)
@@ -406,7 +407,9 @@ def train_policy(
                     "step": step,
                     "run": run,
                     "schedule_steps": horizon,
-                    "train_seconds": earlier_seconds + time.perf_counter() - started,
+                    "train_seconds": None
+                    if earlier_seconds is None
+                    else earlier_seconds + time.perf_counter() - started,
                 }
                 save_checkpoint(out / "checkpoint", _Trainable(policy), optimizer, rng, state)
             accelerator.wait_for_everyone()
@@ -425,7 +428,8 @@ def train_policy(
         "steps": step,
         "resumed_from": start,
         "seconds": seconds,  # this run
-        "total_seconds": earlier_seconds + seconds,  # every run that trained this checkpoint
+        # every run that trained this checkpoint (None: an earlier one did not record its time)
+        "total_seconds": None if earlier_seconds is None else earlier_seconds + seconds,
         "final": totals,
         "timings": timings,
         "num_processes": world,
