@@ -73,11 +73,15 @@ class NPDPORealConfig(TextDataConfig):
         True, "start NP-DPO's context encoder from the study's NP-BTL (trained first on the same users)"
     )
     freeze_encoder: bool = option(
-        True, "keep NP-DPO's context encoder as the NP-BTL trained it (FiLM learns to read its z)"
+        False,
+        "keep NP-DPO's context encoder as the NP-BTL trained it (default: it starts there and trains "
+        "with the policy, which did better on seed 1; see the README)",
     )
     lora_r: int = option(16, "LoRA rank (alpha = 2 r)")
     lora_gates: bool = option(
-        False, "NP-DPO's z also modulates each LoRA adapter's rank bottleneck (conditional adapters)"
+        True,
+        "NP-DPO's z also modulates each LoRA adapter's rank bottleneck (conditional adapters; without them "
+        "the policy acts on z through FiLM on attention outputs only)",
     )
     steps: int = option(300, "training steps of every policy")
     users_per_batch: int = option(4, "users per step")
