@@ -130,7 +130,7 @@ def test_each_row_is_modulated_by_its_own_user():
             assert torch.allclose(together[rows], alone, atol=1e-5)
 
 
-def test_lora_gates_start_as_the_identity_and_give_each_user_its_own_adapters(tmp_path):
+def test_lora_gates_start_as_the_identity_and_give_each_user_its_own_adapters():
     """Conditional adapters: z modulates every LoRA bottleneck of the modulated blocks; fresh gates change
     nothing, trained ones change each row by its own user, the reference ignores them, and they are
     saved and loaded with the rest of the trained weights."""

@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -322,6 +322,11 @@ def train_policy(
     window: dict[str, float] = {}
     window_steps = 0
     started = time.perf_counter()
+
+    def over_every_run(this_run: float) -> float | None:
+        """Training time of this checkpoint over every run (None: an earlier one did not record it)."""
+        return None if earlier_seconds is None else earlier_seconds + this_run
+
     bar = tqdm(
         total=config.max_steps,
         initial=start,
@@ -407,9 +412,7 @@ def train_policy(
                     "step": step,
                     "run": run,
                     "schedule_steps": horizon,
-                    "train_seconds": None
-                    if earlier_seconds is None
-                    else earlier_seconds + time.perf_counter() - started,
+                    "train_seconds": over_every_run(time.perf_counter() - started),
                 }
                 save_checkpoint(out / "checkpoint", _Trainable(policy), optimizer, rng, state)
             accelerator.wait_for_everyone()
@@ -428,8 +431,7 @@ def train_policy(
         "steps": step,
         "resumed_from": start,
         "seconds": seconds,  # this run
-        # every run that trained this checkpoint (None: an earlier one did not record its time)
-        "total_seconds": None if earlier_seconds is None else earlier_seconds + seconds,
+        "total_seconds": over_every_run(seconds),
         "final": totals,
         "timings": timings,
         "num_processes": world,
@@ -454,13 +456,9 @@ def data_fingerprint(tokens: TokenizedPairs, embedded: PreferenceData) -> str:
 def _changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Settings that differ between a checkpointed run and this one (``policy.*``, ``train.*``, the data
     and the number of processes)."""
-    # a setting added after the checkpoint was written had its default then
-    defaults = {f.name: f.default for f in fields(PolicyConfig)}
-    changed = [
-        f"policy.{k}"
-        for k in current["policy"]
-        if saved["policy"].get(k, defaults.get(k)) != current["policy"][k]
-    ]
+    # read as a saved policy_config.json is: a setting added since had its default then
+    saved_policy = PolicyConfig.from_json(saved["policy"]).to_json()
+    changed = [f"policy.{k}" for k in current["policy"] if saved_policy.get(k) != current["policy"][k]]
     changed += [
         f"train.{k}"
         for k in current["train"]
