@@ -83,7 +83,13 @@ class NPDPORealConfig(TextDataConfig):
         "NP-DPO's z also modulates each LoRA adapter's rank bottleneck (conditional adapters; without them "
         "the policy acts on z through FiLM on attention outputs only)",
     )
-    steps: int = option(300, "training steps of every policy")
+    steps: int = option(300, "training steps of BTL-DPO and of each oracle")
+    np_dpo_steps: int | None = option(
+        None,
+        "NP-DPO's training steps (default: 2 × steps: it learns both types, so it sees about as many pairs "
+        "of each type as each oracle sees of its own; at 1 × steps seed 0's hedging users stayed 0.13 "
+        "below their oracle, see the README)",
+    )
     users_per_batch: int = option(4, "users per step")
     targets_per_user: int = option(2, "target pairs per user per step")
     max_context: int = option(10, "largest N^C while training NP-DPO")
@@ -118,6 +124,8 @@ class NPDPORealConfig(TextDataConfig):
     def __post_init__(self) -> None:
         if len(self.types) != 2:
             raise ValueError(f"npdpo-real needs two user types, got {self.types}")
+        if self.steps < 1 or (self.np_dpo_steps is not None and self.np_dpo_steps < 1):
+            raise ValueError("steps and np_dpo_steps must be >= 1")
         if self.smoke:
             values = dict(
                 max_prompts=150,
@@ -142,6 +150,12 @@ class NPDPORealConfig(TextDataConfig):
             )
             for key, value in values.items():
                 setattr(self, key, value)
+
+    def policy_steps(self, conditional: bool) -> int:
+        """Training steps of NP-DPO (``conditional``) or of BTL-DPO and the oracles."""
+        if not conditional:
+            return self.steps
+        return 2 * self.steps if self.np_dpo_steps is None else self.np_dpo_steps
 
 
 def budget_table(table: ResponseTable, tokenizer: Any, tokens: int) -> ResponseTable:
@@ -489,13 +503,14 @@ def _train(
     subset = TokenizedPairs(
         [tokens.prompt[i] for i in rows], [tokens.chosen[i] for i in rows], [tokens.rejected[i] for i in rows]
     )
+    steps = config.policy_steps(conditional)
     train_config = PolicyTrainConfig(
-        max_steps=config.steps,
+        max_steps=steps,
         users_per_batch=config.users_per_batch,
         targets_per_user=config.targets_per_user,
         max_context=config.max_context if conditional else 0,
         learning_rate=config.policy_learning_rate,
-        warmup_steps=min(20, max(1, config.steps // 10)),
+        warmup_steps=min(20, max(1, steps // 10)),
         beta=config.beta,
         nll_weight=config.nll_weight,
         max_length=config.prompt_tokens + config.response_tokens,
@@ -505,8 +520,8 @@ def _train(
         cache_dir=config.cache_dir,
         init_encoder=str(encoder_from) if encoder_from is not None else None,
         freeze_encoder=config.freeze_encoder and encoder_from is not None,
-        save_every=max(1, min(50, config.steps)),
-        log_every=max(1, min(10, config.steps // 4)),
+        save_every=max(1, min(50, steps)),
+        log_every=max(1, min(10, steps // 4)),
         seed=seed,
     )
     summary = train_policy(
