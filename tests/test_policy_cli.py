@@ -270,16 +270,23 @@ def test_npdpo_real_same_seed_same_training(tmp_path, tiny_encoder, tiny_decoder
     filled during the run (cold) or read from an earlier one (warm). (The frozen encoder's attention
     dropout, left on and drawn from an unseeded generator, made every run differ from its third step.)"""
 
-    def run(name: str) -> str:
+    def run(name: str, *extra: str) -> str:
         args = ["experiment", "npdpo-real", "--out", str(tmp_path / name), "--seed", "0", "--smoke"]
         args += ["--embedder", tiny_encoder, "--base-model", tiny_decoder, "--blocks", "last:1"]
         args += ["--cache-dir", str(tmp_path / "cache"), "--max-length", "64", "--models", "np-dpo"]
-        args += ["--generation-prompts", "0"]
+        args += ["--generation-prompts", "0", *extra]
         assert main(args) == 0
         return (tmp_path / name / "np-dpo" / "metrics.csv").read_text()
 
+    def scored(name: str) -> tuple[object, object]:
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        return results["data"], results["num_scored"]
+
     cold = run("cold")
     assert run("warm") == cold
+    # --policy-seed: another training run on the same users, prompts, split and evaluation tasks
+    assert run("other", "--policy-seed", "7") != cold
+    assert scored("other") == scored("cold")
 
 
 def test_npdpo_real_np_dpo_steps_apply_to_np_dpo_only():

@@ -89,6 +89,11 @@ class NPDPORealConfig(TextDataConfig):
         "NP-DPO's training steps (default: steps). 2 × steps shows it as many pairs of each type as each "
         "oracle sees of its own; it moved seed 0's hedging users +0.13 and seed 1's -0.11 (see the README)",
     )
+    policy_seed: int | None = option(
+        None,
+        "seed of the policies' training only (LoRA init, task order); default: --seed. Another value "
+        "retrains on the same users, prompts and split: what one training run's luck is worth",
+    )
     users_per_batch: int = option(4, "users per step")
     targets_per_user: int = option(2, "target pairs per user per step")
     max_context: int = option(10, "largest N^C while training NP-DPO")
@@ -316,11 +321,12 @@ def run_npdpo_real(
             runs[f"oracle-{name}"] = (False, _rows_of_mode(train_vec, mode))
     policies: dict[str, ConditionalPolicy] = {}
     training: dict[str, Any] = {}
+    train_seed = seed if config.policy_seed is None else config.policy_seed
     for name, (conditional, rows) in runs.items():
         t = time.perf_counter()
         encoder_from = out / "np-btl" if conditional and config.init_encoder else None
         policies[name], training[name] = _train(
-            name, conditional, rows, train_tokens, train_vec, config, out, seed, progress, encoder_from
+            name, conditional, rows, train_tokens, train_vec, config, out, train_seed, progress, encoder_from
         )
         timings[f"{name}_train_s"] = time.perf_counter() - t
     if main:
