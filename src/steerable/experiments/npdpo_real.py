@@ -157,9 +157,7 @@ class NPDPORealConfig(TextDataConfig):
 
     def policy_steps(self, conditional: bool) -> int:
         """Training steps of NP-DPO (``conditional``) or of BTL-DPO and the oracles."""
-        if not conditional:
-            return self.steps
-        return self.steps if self.np_dpo_steps is None else self.np_dpo_steps
+        return self.np_dpo_steps if conditional and self.np_dpo_steps is not None else self.steps
 
 
 def budget_table(table: ResponseTable, tokenizer: Any, tokens: int) -> ResponseTable:
