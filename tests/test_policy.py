@@ -452,3 +452,119 @@ def test_disable_dropout_reaches_the_context_encoders_attention(tiny_world):
     ctx[2][:, 3:] = False  # padded sets take the masked attention path
     with torch.no_grad():
         assert torch.equal(policy.encode(*ctx), policy.encode(*ctx))
+
+
+def _scripted_scores(monkeypatch, scores):
+    """Validation accuracies in the order the selector asks for them (the real scores of a tiny policy
+    rarely peak before the last step)."""
+    import steerable.policy.selection as selection
+
+    queue = list(scores)
+    monkeypatch.setattr(selection, "balanced_accuracy", lambda margins: queue.pop(0))
+
+
+def test_checkpoint_selection_saves_the_best_validation_step(tiny_world, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import steerable.policy.trainer as trainer
+
+    folder, data, vectors, _ = tiny_world
+    policy = _build(folder)
+    tokens = PolicyTokenizer(policy.tokenizer, 48, 24).pairs(data)
+    weights_at: dict[int, dict[str, torch.Tensor]] = {}
+    original = trainer.save_checkpoint
+
+    def save(directory, model, optimizer, rng, state):
+        weights_at[state["step"]] = {k: v.clone() for k, v in policy.trainable_state_dict().items()}
+        original(directory, model, optimizer, rng, state)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save)
+    _scripted_scores(monkeypatch, [0.5, 0.9, 0.7])  # steps 2, 4, 6
+    out = tmp_path / "run"
+    summary = train_policy(
+        policy,
+        tokens,
+        vectors,
+        _train_config(validate_every=2),
+        out,
+        progress=False,
+        validation=(tokens, vectors),
+    )
+    assert [row["step"] for row in summary["selection"]["history"]] == [2, 4, 6]
+    assert summary["selection"]["best_step"] == 4
+    saved = load_file(str(out / "policy.safetensors"))
+    for key, value in weights_at[4].items():
+        assert torch.equal(saved[key], value), key
+    assert any(not torch.equal(weights_at[6][k], weights_at[4][k]) for k in weights_at[4])
+    # the checkpoint keeps the last step (a longer run continues from there), and the best step's copy
+    last = load_file(str(out / "checkpoint" / "model.safetensors"))
+    assert all(torch.equal(last[k], weights_at[6][k]) for k in weights_at[6])
+    assert all(torch.equal(last["best." + k], weights_at[4][k]) for k in weights_at[4])
+    assert json.loads((out / "train_config.json").read_text())["selection"]["best_step"] == 4
+    with pytest.raises(ConfigError, match="validation"):
+        train_policy(_build(folder), tokens, vectors, _train_config(validate_every=2), None, progress=False)
+
+
+def test_a_resumed_run_keeps_the_best_step_of_the_runs_before_it(tiny_world, tmp_path, monkeypatch):
+    import steerable.policy.trainer as trainer
+
+    folder, data, vectors, _ = tiny_world
+    tokens = PolicyTokenizer(_build(folder).tokenizer, 48, 24).pairs(data)
+    config = _train_config(validate_every=2)
+
+    def run(out, scores, interrupt_at=None):
+        torch.manual_seed(0)
+        policy = _build(folder)
+        _scripted_scores(monkeypatch, scores)
+        original = trainer.save_checkpoint
+
+        def save(directory, model, optimizer, rng, state):
+            original(directory, model, optimizer, rng, state)
+            if state["step"] == interrupt_at:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(trainer, "save_checkpoint", save)
+        try:
+            return policy, train_policy(
+                policy, tokens, vectors, config, out, False, validation=(tokens, vectors)
+            )
+        finally:
+            monkeypatch.setattr(trainer, "save_checkpoint", original)
+
+    straight, expected = run(tmp_path / "a", [0.5, 0.9, 0.7])
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", [0.5, 0.9], interrupt_at=4)
+    resumed, summary = run(tmp_path / "b", [0.7])  # only step 6 is scored again
+    assert summary["selection"] == expected["selection"]
+    for key, value in straight.trainable_state_dict().items():
+        assert torch.allclose(value, resumed.trainable_state_dict()[key], atol=1e-6), key
+
+
+def test_selection_scores_are_the_policys_validation_accuracy(tiny_world, tmp_path):
+    """Unscripted: the saved policy, scored again on the same validation tasks, gets the best score."""
+    from steerable.policy.selection import CheckpointSelector
+
+    folder, data, vectors, _ = tiny_world
+    policy = _build(folder)
+    tokens = PolicyTokenizer(policy.tokenizer, 48, 24).pairs(data)
+    config = _train_config(validate_every=3)
+    summary = train_policy(
+        policy, tokens, vectors, config, tmp_path, progress=False, validation=(tokens, vectors)
+    )
+    selection = summary["selection"]
+    assert [row["step"] for row in selection["history"]] == [3, 6]
+    assert selection["best_accuracy"] == max(row["accuracy"] for row in selection["history"])
+    again = CheckpointSelector(
+        ConditionalPolicy.from_pretrained(tmp_path),
+        tokens,
+        vectors,
+        context=config.max_context,
+        num_tasks=config.val_tasks,
+        targets=config.val_targets,
+        beta=config.beta,
+        seed=config.seed * 1000 + 3,
+        autocast=nullcontext,
+        prefix_cache=None,
+    )
+    again.validate(0)
+    assert again.history[0]["accuracy"] == pytest.approx(selection["best_accuracy"], abs=1e-6)

@@ -85,6 +85,20 @@ def _train_args(root, tiny_encoder, out, *extra):
     ]
 
 
+def test_train_policy_keeps_the_best_step_on_validation_users(policy_world, tiny_encoder, tmp_path, capsys):
+    out = tmp_path / "np"
+    val = ["--val-data", str(policy_world / "test.jsonl"), "--validate-every", "2", "--val-targets", "2"]
+    assert main(_train_args(policy_world, tiny_encoder, out, *val)) == 0
+    selection = json.loads((out / "train_config.json").read_text())["selection"]
+    assert [row["step"] for row in selection["history"]] == [2, 3]
+    assert f"saved step {selection['best_step']}: validation accuracy" in capsys.readouterr().out
+    # one without the other is a clear error, before any work
+    assert main(_train_args(policy_world, tiny_encoder, tmp_path / "a", "--validate-every", "2")) == 2
+    assert "--val-data" in capsys.readouterr().err
+    assert main(_train_args(policy_world, tiny_encoder, tmp_path / "b", *val[:2])) == 2
+    assert "--validate-every" in capsys.readouterr().err
+
+
 def test_train_evaluate_generate(policy_world, tiny_encoder, tmp_path, capsys):
     out = tmp_path / "np"
     assert main(_train_args(policy_world, tiny_encoder, out)) == 0
@@ -260,6 +274,10 @@ def test_npdpo_real_smoke_schema(tmp_path, tiny_encoder, tiny_decoder, monkeypat
             assert set(g[condition][key]) == {"mean", "stderr"}, (condition, key)
     for name in ("npdpo_real.png", "generation.png", "npdpo_training.png"):
         assert (out / name).exists(), name
+    # NP-DPO keeps its best step on the validation users (--smoke: 3 steps, scored at 2 and 3)
+    selection = r["training"]["np-dpo"]["selection"]
+    assert [row["step"] for row in selection["history"]] == [2, 3]
+    assert selection["best_step"] in (2, 3) and r["training"]["btl-dpo"]["selection"] is None
     policy = ConditionalPolicy.from_pretrained(out / "np-dpo")
     assert len(calls) == 3 and torch.allclose(calls[2], _empty_set_z(policy), atol=1e-6)  # A, B, no context
     assert base_calls == [None]  # the base model's samples: no z (adapters and FiLM off)
@@ -292,8 +310,9 @@ def test_npdpo_real_same_seed_same_training(tmp_path, tiny_encoder, tiny_decoder
 def test_npdpo_real_np_dpo_steps_apply_to_np_dpo_only():
     from steerable.experiments.npdpo_real import NPDPORealConfig
 
-    assert NPDPORealConfig().policy_steps(conditional=True) == 300
-    assert NPDPORealConfig(steps=50).policy_steps(conditional=True) == 50
+    assert NPDPORealConfig().policy_steps(conditional=True) == 600
+    assert NPDPORealConfig().policy_steps(conditional=False) == 300
+    assert NPDPORealConfig(steps=50, np_dpo_steps=None).policy_steps(conditional=True) == 50
     config = NPDPORealConfig(steps=50, np_dpo_steps=70)
     assert config.policy_steps(conditional=True) == 70
     assert config.policy_steps(conditional=False) == 50  # BTL-DPO and the oracles

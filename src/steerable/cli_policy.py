@@ -19,6 +19,11 @@ def add_train_policy_arguments(p: argparse.ArgumentParser, add_embedder_argument
     p.add_argument(
         "--data", required=True, help="text preference pairs with user_id (.jsonl/.parquet/datasets)"
     )
+    p.add_argument(
+        "--val-data",
+        help="validation users' pairs (same format, other users): with --validate-every N the policy saved "
+        "is the step that scores best on them",
+    )
     p.add_argument("--model", dest="policy_kind", default="np-dpo", choices=["np-dpo", "btl-dpo"])
     p.add_argument("--out", type=Path, required=True, help="output folder (policy weights, metrics.csv)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing run in --out")
@@ -114,6 +119,11 @@ def _run_train_policy(args: argparse.Namespace) -> int:
     from steerable.text.embedder import Embedder, EmbedderConfig, embed_preferences, save_embedder_config
 
     data = _text_data(args.data)
+    val_data = _text_data(args.val_data) if args.val_data else None
+    if bool(args.validate_every) != (val_data is not None):
+        raise DataError(
+            "checkpoint selection needs both --val-data FILE (validation users' pairs) and --validate-every N"
+        )
     conditional = args.policy_kind == "np-dpo"
     embedder = None
     if conditional:
@@ -124,17 +134,23 @@ def _run_train_policy(args: argparse.Namespace) -> int:
             cache_dir=args.cache_dir,
         )
         embedder = Embedder(embedder_config)
-        vectors = embed_preferences(data, embedder)
-        print(f"{args.data}: embedded with {args.embedder}: {embedder.stats.summary()}")
-    else:  # the baseline never reads context: the sampler only needs the users
-        zeros = np.zeros((data.num_pairs, 1), dtype=np.float32)
-        vectors = PreferenceData(
-            user_ids=data.user_ids,
+
+    def vectors_of(text, path: str) -> PreferenceData:
+        if embedder is not None:
+            vectors = embed_preferences(text, embedder)
+            print(f"{path}: embedded with {args.embedder}: {embedder.stats.summary()}")
+            return vectors
+        zeros = np.zeros((text.num_pairs, 1), dtype=np.float32)  # the baseline never reads context
+        return PreferenceData(
+            user_ids=text.user_ids,
             chosen=zeros,
             rejected=zeros,
-            hidden_mode=data.hidden_mode,
-            source=data.source,
+            hidden_mode=text.hidden_mode,
+            source=text.source,
         )
+
+    vectors = vectors_of(data, args.data)
+    val_vectors = vectors_of(val_data, args.val_data) if val_data is not None else None
     if args.overwrite and args.out.exists():
         for name in ("checkpoint", "policy.safetensors", "policy_config.json", "metrics.csv"):
             target = args.out / name
@@ -155,6 +171,9 @@ def _run_train_policy(args: argparse.Namespace) -> int:
         tokenizer, train_config.max_length, train_config.max_prompt_length, train_config.max_response_length
     )
     tokens = encoder.pairs(data)
+    validation = None
+    if val_data is not None and val_vectors is not None:
+        validation = (encoder.pairs(val_data), val_vectors)
     if main:
         print(
             f"train: {data.num_pairs} pairs; {tokens.truncated} sequences cut to fit "
@@ -165,12 +184,18 @@ def _run_train_policy(args: argparse.Namespace) -> int:
                 "tip: on a CPU, --blocks last:4 trains only the last 4 blocks from cached hidden states, "
                 "several times faster per pair (README: NP-DPO on a CPU)"
             )
-    summary = train_policy(policy, tokens, vectors, train_config, args.out)
+    summary = train_policy(policy, tokens, vectors, train_config, args.out, validation=validation)
     if not main:
         return 0
     if embedder is not None:
         save_embedder_config(embedder.config, args.out)
     final = summary["final"]
+    selection = summary["selection"]
+    if selection and selection["best_step"] is not None:
+        print(
+            f"saved step {selection['best_step']}: validation accuracy {selection['best_accuracy']:.3f} "
+            f"(last step {selection['history'][-1]['accuracy']:.3f})"
+        )
     print(
         f"{summary['steps']} steps ({summary['seconds']:.0f} s this run); last step: rewards/accuracies "
         f"{final.get('rewards/accuracies', float('nan')):.2f}, log-ratio chosen "

@@ -83,12 +83,19 @@ class NPDPORealConfig(TextDataConfig):
         "NP-DPO's z also modulates each LoRA adapter's rank bottleneck (conditional adapters; without them "
         "the policy acts on z through FiLM on attention outputs only)",
     )
-    steps: int = option(300, "training steps of every policy (NP-DPO: np_dpo_steps when given)")
+    steps: int = option(300, "training steps of BTL-DPO and the oracles (and NP-DPO's without np_dpo_steps)")
     np_dpo_steps: int | None = option(
-        None,
-        "NP-DPO's training steps (default: steps). 2 × steps shows it as many pairs of each type as each "
-        "oracle sees of its own; it moved seed 0's hedging users +0.13 and seed 1's -0.11 (see the README)",
+        600,
+        "NP-DPO's training steps (none: steps): as many pairs of each type as each oracle sees of its own. "
+        "With validate_every the saved policy is the best step on the validation users (a fixed count "
+        "suited one seed's split and not the other's: see the README)",
     )
+    validate_every: int = option(
+        50,
+        "steps between scoring NP-DPO on the validation users (implicit-reward accuracy at N^C = "
+        "max_context, on their own prompts); the best step is kept (0: the last step)",
+    )
+    val_tasks: int = option(64, "validation tasks of NP-DPO's checkpoint selection (users cycle)")
     policy_seed: int | None = option(
         None,
         "seed of the policies' training only (LoRA init, task order); default: --seed. Another value "
@@ -130,6 +137,8 @@ class NPDPORealConfig(TextDataConfig):
             raise ValueError(f"npdpo-real needs two user types, got {self.types}")
         if self.steps < 1 or (self.np_dpo_steps is not None and self.np_dpo_steps < 1):
             raise ValueError("steps and np_dpo_steps must be >= 1")
+        if self.validate_every < 0 or self.val_tasks < 1:
+            raise ValueError("validate_every must be >= 0 and val_tasks >= 1")
         if self.smoke:
             values = dict(
                 max_prompts=150,
@@ -151,6 +160,9 @@ class NPDPORealConfig(TextDataConfig):
                 generation_prompts=2,
                 generation_context=3,
                 best_of=2,
+                np_dpo_steps=3,
+                validate_every=2,
+                val_tasks=4,
             )
             for key, value in values.items():
                 setattr(self, key, value)
@@ -284,7 +296,7 @@ def run_npdpo_real(
     study = prepare_text_study(config, names, 2, s_data, transform=transform)
     timings["data_and_embedding_s"] = time.perf_counter() - t
     splits = _simulate(study, config, s_users, whole)
-    (train_text, train_vec, _), (_, val_vec, _), (test_text, test_vec, test_picks) = (
+    (train_text, train_vec, _), (val_text, val_vec, _), (test_text, test_vec, test_picks) = (
         splits["train"],
         splits["val"],
         splits["test"],
@@ -297,6 +309,7 @@ def run_npdpo_real(
         tokenizer, config.prompt_tokens + config.response_tokens, config.prompt_tokens, config.response_tokens
     )
     train_tokens = encoder.pairs(train_text)
+    validation = (encoder.pairs(val_text), val_vec) if config.validate_every else None
 
     # the text NP-BTL: best-of-N's judge and (init_encoder) where NP-DPO's context encoder starts
     reward_model = None
@@ -324,7 +337,17 @@ def run_npdpo_real(
         t = time.perf_counter()
         encoder_from = out / "np-btl" if conditional and config.init_encoder else None
         policies[name], training[name] = _train(
-            name, conditional, rows, train_tokens, train_vec, config, out, train_seed, progress, encoder_from
+            name,
+            conditional,
+            rows,
+            train_tokens,
+            train_vec,
+            config,
+            out,
+            train_seed,
+            progress,
+            encoder_from,
+            validation if conditional else None,
         )
         timings[f"{name}_train_s"] = time.perf_counter() - t
     if main:
@@ -482,8 +505,10 @@ def _train(
     seed: int,
     progress: bool,
     encoder_from: Path | None = None,
+    validation: tuple[Any, PreferenceData] | None = None,
 ) -> tuple[ConditionalPolicy, dict[str, Any]]:
-    """One policy trained by the common trainer (resumes from ``out/name`` if a run is there)."""
+    """One policy trained by the common trainer (resumes from ``out/name`` if a run is there); with
+    ``validation`` (the validation users' tokens and embeddings) it keeps its best step on them."""
     from steerable.policy.tokens import TokenizedPairs
 
     base, tokenizer = load_base_model(config.base_model)
@@ -525,10 +550,20 @@ def _train(
         freeze_encoder=config.freeze_encoder and encoder_from is not None,
         save_every=max(1, min(50, steps)),
         log_every=max(1, min(10, steps // 4)),
+        validate_every=config.validate_every if validation is not None else 0,
+        val_tasks=config.val_tasks,
+        val_targets=config.eval_targets,
         seed=seed,
     )
     summary = train_policy(
-        policy, subset, vectors.select_rows(rows), train_config, out / name, progress, label=name
+        policy,
+        subset,
+        vectors.select_rows(rows),
+        train_config,
+        out / name,
+        progress,
+        label=name,
+        validation=validation,
     )
     final = summary["final"]
     total, resumed = summary["total_seconds"], summary["resumed_from"]
@@ -538,6 +573,12 @@ def _train(
         else f"{total:.0f} s, {total / max(1, summary['steps']):.2f} s/step"
     )
     took += f", resumed at step {resumed}" if resumed else ""
+    selection = summary["selection"]
+    if selection and selection["best_step"] is not None:
+        took += (
+            f"; kept step {selection['best_step']} (validation accuracy {selection['best_accuracy']:.3f}, "
+            f"last {selection['history'][-1]['accuracy']:.3f})"
+        )
     console.print(
         f"  trained [bold]{name}[/bold] on {len(rows)} pairs: {summary['steps']} steps ({took}); "
         f"last step: acc {final.get('rewards/accuracies', float('nan')):.2f}, log-ratio chosen "
@@ -551,6 +592,7 @@ def _train(
         "seconds_this_run": summary["seconds"],
         "final": final,
         "timings": summary["timings"],
+        "selection": selection,
     }
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ def plot_policy_accuracy(
 def plot_training(
     out: Path, filename: str = "npdpo_training.png", runs: list[str] | tuple[str, ...] = ("np-dpo", "btl-dpo")
 ) -> None:
-    """Training-batch accuracy and chosen / rejected log-ratios from ``out/<run>/metrics.csv``."""
+    """Training-batch accuracy and chosen / rejected log-ratios from ``out/<run>/metrics.csv``, and the
+    validation users' accuracy of a run that selected its checkpoint on them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,17 +66,35 @@ def plot_training(
         with open(path, encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
         step = [float(r["step"]) for r in rows]
-        axes[0].plot(step, [float(r["rewards/accuracies"]) for r in rows], color=color, label=name)
+        axes[0].plot(
+            step, [float(r["rewards/accuracies"]) for r in rows], color=color, label=f"{name} (batch)"
+        )
+        selection = _selection(out / name)
+        if selection:  # validation users' accuracy, the kept step starred
+            steps = [row["step"] for row in selection["history"]]
+            accuracy = [row["accuracy"] for row in selection["history"]]
+            axes[0].plot(steps, accuracy, color=color, ls=":", marker="o", ms=3, label=f"{name} validation")
+            best = selection["best_step"]
+            axes[0].plot([best], [selection["best_accuracy"]], color=color, marker="*", ms=12, ls="none")
         for key, style in (("logratio/chosen", "-"), ("logratio/rejected", "--")):
             label = f"{name} {key.split('/')[1]}"
             axes[1].plot(step, [float(r[key]) for r in rows], color=color, ls=style, label=label)
-    axes[0].set(xlabel="step", ylabel="rewards/accuracies (training batch)")
+    axes[0].set(xlabel="step", ylabel="implicit-reward accuracy")
     axes[1].set(xlabel="step", ylabel="log π/π_ref (nats)")
     for ax in axes:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / filename, dpi=120)
     plt.close(fig)
+
+
+def _selection(run: Path) -> dict[str, Any] | None:
+    """The checkpoint selection a run recorded in its train_config.json (None: it kept its last step)."""
+    path = run / "train_config.json"
+    if not path.exists():
+        return None
+    selection = json.loads(path.read_text(encoding="utf-8")).get("selection")
+    return selection if selection and selection.get("best_step") is not None else None
 
 
 def print_policy_table(title: str, models: dict[str, Any], groups: list[str], sizes: list[int]) -> None:

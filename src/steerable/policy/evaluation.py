@@ -95,12 +95,14 @@ class PolicyEvaluator:
         scored once, e.g. by :meth:`accuracy_by_mode` and then :meth:`label_swap_flip_rate`)."""
         key = (id(batches), swap_context)
         if key not in self._margins:
-            self._margins[key] = (batches, self._margins_of(batches, swap_context))  # batches kept alive
+            self._margins[key] = (batches, self.score(batches, swap_context))  # batches kept alive
         return self._margins[key][1]
 
     @torch.no_grad()
     @denormals_flushed()
-    def _margins_of(self, batches: list[TaskBatch], swap_context: bool) -> TargetMargins:
+    def score(self, batches: list[TaskBatch], swap_context: bool = False) -> TargetMargins:
+        """Margins of the scored targets of every task in ``batches`` by the policy as it is now (not
+        kept: :meth:`margins` keeps them)."""
         device = self.policy.device
         if self.store.uses_prefix:  # every sequence's prefix at once, length-sorted into full forwards
             scored = {

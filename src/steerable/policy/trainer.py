@@ -39,6 +39,7 @@ from steerable.data.schema import PreferenceData
 from steerable.errors import ConfigError
 from steerable.objectives import dpo_loss, implicit_reward
 from steerable.policy.model import ConditionalPolicy, PolicyConfig
+from steerable.policy.selection import CheckpointSelector
 from steerable.policy.sequences import SequenceStore, prefix_cache_for
 from steerable.policy.tokens import PairBatch, TokenizedPairs, pair_batch
 from steerable.training import MetricsLog
@@ -125,6 +126,14 @@ class PolicyTrainConfig:
         "the context encoder (it already tells users apart; the hypernetwork learns what to do with z)",
     )
     freeze_encoder: bool = option(False, "keep the context encoder as it starts (with --init-encoder)")
+    validate_every: int = option(
+        0,
+        "steps between scoring the validation users (needs validation data); the policy saved is then the "
+        "best-scoring step, not the last (0: the last)",
+    )
+    val_context: int | None = option(None, "N^C of the validation tasks (default: max_context)")
+    val_tasks: int = option(64, "validation tasks (users cycle)")
+    val_targets: int = option(4, "target pairs scored per validation task")
     save_every: int = option(50, "steps between resumable checkpoints")
     log_every: int = option(10, "steps between metrics.csv rows (each the mean over those steps)")
     seed: int = option(0, "seed of the task sampler, LoRA init and dropout")
@@ -138,6 +147,10 @@ class PolicyTrainConfig:
             )
         if self.beta <= 0 or self.nll_weight < 0:
             raise ConfigError("beta must be > 0 and nll_weight >= 0")
+        if self.validate_every < 0 or self.val_tasks < 1 or self.val_targets < 1:
+            raise ConfigError("validate_every must be >= 0, val_tasks and val_targets >= 1")
+        if self.val_context is not None and self.val_context < 0:
+            raise ConfigError(f"val_context must be >= 0, got {self.val_context}")
 
 
 def learning_rate_at(step: int, config: PolicyTrainConfig, horizon: int | None = None) -> float:
@@ -151,16 +164,23 @@ def learning_rate_at(step: int, config: PolicyTrainConfig, horizon: int | None =
 
 
 class _Trainable:
-    """What a checkpoint stores of a policy: its trained weights only."""
+    """What a checkpoint stores of a policy: its trained weights only, and (with checkpoint selection) the
+    best step's weights under ``best.``."""
 
-    def __init__(self, policy: ConditionalPolicy) -> None:
-        self.policy = policy
+    BEST = "best."
+
+    def __init__(self, policy: ConditionalPolicy, selector: CheckpointSelector | None = None) -> None:
+        self.policy, self.selector = policy, selector
+        self.loaded_best: dict[str, torch.Tensor] = {}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.policy.trainable_state_dict()
+        best = self.selector.tensors() if self.selector is not None else {}
+        return {**self.policy.trainable_state_dict(), **{self.BEST + k: v for k, v in best.items()}}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.policy.load_trainable_state_dict(state)
+        n = len(self.BEST)
+        self.loaded_best = {k[n:]: v for k, v in state.items() if k.startswith(self.BEST)}
+        self.policy.load_trainable_state_dict({k: v for k, v in state.items() if not k.startswith(self.BEST)})
 
 
 def step_terms(
@@ -220,12 +240,15 @@ def train_policy(
     progress: bool = True,
     description: dict[str, Any] | None = None,
     label: str | None = None,
+    validation: tuple[TokenizedPairs, PreferenceData] | None = None,
 ) -> dict[str, Any]:
     """Train ``policy`` on the users of ``embedded`` (pair i of ``tokens`` is pair i of ``embedded``).
 
     Saves ``policy.safetensors`` + ``policy_config.json`` + ``metrics.csv`` + ``train_config.json`` in
     ``out_dir`` (main process only) and resumes from ``out_dir/checkpoint`` when present. Returns the final
-    metrics and timings. ``label`` names the progress bar (default: np-dpo or btl-dpo)."""
+    metrics and timings. ``label`` names the progress bar (default: np-dpo or btl-dpo). With
+    ``config.validate_every``, ``validation`` (held-out users' pairs, as ``tokens`` and ``embedded``) picks
+    the step whose weights are saved (:mod:`~steerable.policy.selection`; one process only)."""
     from tqdm.auto import tqdm
 
     config = config or PolicyTrainConfig()
@@ -241,6 +264,13 @@ def train_policy(
         raise ConfigError(
             f"users_per_batch ({config.users_per_batch}) is per step over all processes: it must be "
             f"divisible by the number of processes ({world})"
+        )
+    if config.validate_every and validation is None:
+        raise ConfigError("validate_every needs validation users' pairs (train-policy: --val-data)")
+    if config.validate_every and world > 1:
+        raise ConfigError(
+            f"checkpoint selection on validation users (validate_every) runs in one process, not {world}: "
+            "set it to 0 under a launcher"
         )
     sampler = TaskSampler(
         embedded,
@@ -280,13 +310,15 @@ def train_policy(
     }
 
     start, horizon = 0, config.max_steps
+    selected: tuple[dict[str, Any] | None, dict[str, torch.Tensor]] = (None, {})
     earlier_seconds: float | None = 0.0  # None: spent by a version that did not record it
     # torch's generator drives whatever dropout is left on (disable_dropout=False): same seed, same run;
     # a resumed run restores the state it had instead
     torch.manual_seed(rank_seed(config.seed, rank))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        restored = load_checkpoint(out / "checkpoint", _Trainable(policy), optimizer)
+        trainable = _Trainable(policy)
+        restored = load_checkpoint(out / "checkpoint", trainable, optimizer)
         if restored is not None:
             meta, rng = restored
             changed = _changed_settings(meta["run"], run)
@@ -299,6 +331,7 @@ def train_policy(
             horizon = meta.get("schedule_steps", meta["run"]["train"]["max_steps"])
             earlier_seconds = meta.get("train_seconds") if start else 0.0  # by the runs before this one
             restore_rng_states(rng, accelerator, sampler, device)
+            selected = (meta.get("selection"), trainable.loaded_best)
     wrapped, optimizer = accelerator.prepare(policy, optimizer)
     log = MetricsLog(out if main else None, start, METRICS)
     pad = policy.tokenizer.pad_token_id if policy.tokenizer is not None else None
@@ -317,6 +350,25 @@ def train_policy(
         prefix_cache.refresh()
         timings["prefix_cache_s"] = time.perf_counter() - clock
         timings["prefix_sequences_computed"] = computed
+    selector = None
+    if config.validate_every and validation is not None:
+        context = config.max_context if config.val_context is None else config.val_context
+        selector = CheckpointSelector(
+            policy,
+            *validation,
+            context=context if policy.hooks is not None else 0,
+            num_tasks=config.val_tasks,
+            targets=config.val_targets,
+            beta=config.beta,
+            seed=config.seed * 1000 + 3,
+            autocast=accelerator.autocast,
+            prefix_cache=prefix_cache,
+        )
+        clock = time.perf_counter()
+        timings["validation_sequences_computed"] = selector.prepare(progress and main)
+        timings["validation_prefix_s"] = time.perf_counter() - clock
+        selector.restore(*selected)
+        policy.train()
     warned = False
     totals: dict[str, float] = {}
     window: dict[str, float] = {}
@@ -405,6 +457,12 @@ def train_policy(
             mean = {key: value / window_steps for key, value in window.items()}
             log.log({"step": step, **mean, "lr": learning_rate_at(step - 1, config, horizon)})
             window, window_steps = {}, 0
+        if selector is not None and (step % config.validate_every == 0 or step == config.max_steps):
+            clock = time.perf_counter()
+            best = selector.validate(step)
+            timings["validation_s"] = timings.get("validation_s", 0.0) + time.perf_counter() - clock
+            kept = "best so far" if best else f"best {selector.best_accuracy:.3f} at {selector.best_step}"
+            bar.write(f"step {step}: validation accuracy {selector.history[-1]['accuracy']:.3f} ({kept})")
         if out is not None and (step % config.save_every == 0 or step == config.max_steps):
             rng = gather_rng_states(accelerator, rng_states(sampler.get_state(), device))
             if main:
@@ -414,15 +472,20 @@ def train_policy(
                     "schedule_steps": horizon,
                     "train_seconds": over_every_run(time.perf_counter() - started),
                 }
-                save_checkpoint(out / "checkpoint", _Trainable(policy), optimizer, rng, state)
+                if selector is not None:
+                    state["selection"] = selector.state()
+                save_checkpoint(out / "checkpoint", _Trainable(policy, selector), optimizer, rng, state)
             accelerator.wait_for_everyone()
     bar.close()
     log.close()
     policy.eval()
     seconds = time.perf_counter() - started
+    selection = selector.state() if selector is not None else None
+    if selector is not None and selector.best_state is not None:
+        policy.load_trainable_state_dict(selector.best_state)  # the checkpoint keeps the last step's
     if out is not None and main:
         policy.save_pretrained(out)
-        write_json_atomic(out / "train_config.json", run)
+        write_json_atomic(out / "train_config.json", {**run, "selection": selection} if selection else run)
     accelerator.wait_for_everyone()
     timings["train_s"] = seconds
     if not totals and log.rows:  # nothing left to train: the last row the finished run logged
@@ -435,6 +498,7 @@ def train_policy(
         "final": totals,
         "timings": timings,
         "num_processes": world,
+        "selection": selection,  # None, or {"history", "best_step", "best_accuracy"}
     }
 
 
@@ -459,10 +523,11 @@ def _changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     # read as a saved policy_config.json is: a setting added since had its default then
     saved_policy = PolicyConfig.from_json(saved["policy"]).to_json()
     changed = [f"policy.{k}" for k in current["policy"] if saved_policy.get(k) != current["policy"][k]]
+    saved_train = {**config_to_dict(PolicyTrainConfig()), **saved["train"]}
     changed += [
         f"train.{k}"
         for k in current["train"]
-        if k not in RESUMABLE_CHANGES and saved["train"].get(k) != current["train"][k]
+        if k not in RESUMABLE_CHANGES and saved_train.get(k) != current["train"][k]
     ]
     if saved.get("num_processes", 1) != current["num_processes"]:
         changed.append(f"num_processes ({saved.get('num_processes', 1)} -> {current['num_processes']})")
