@@ -307,6 +307,31 @@ def test_npdpo_real_same_seed_same_training(tmp_path, tiny_encoder, tiny_decoder
     assert scored("other") == scored("cold")
 
 
+def test_npdpo_real_select_baselines_scores_each_oracle_on_its_own_type(
+    tmp_path, tiny_encoder, tiny_decoder, monkeypatch
+):
+    import steerable.policy.selection as selection
+
+    seen: list[set[int]] = []
+    original = selection.balanced_accuracy
+
+    def record(margins):
+        seen.append(set(margins.mode.tolist()))
+        return original(margins)
+
+    monkeypatch.setattr(selection, "balanced_accuracy", record)
+    args = ["experiment", "npdpo-real", "--out", str(tmp_path / "r"), "--seed", "0", "--smoke"]
+    args += ["--embedder", tiny_encoder, "--base-model", tiny_decoder, "--blocks", "last:1"]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--max-length", "64", "--generation-prompts", "0"]
+    args += ["--models", "np-dpo,oracle-dpo", "--select-baselines"]
+    assert main(args) == 0
+    training = json.loads((tmp_path / "r" / "results.json").read_text())["training"]
+    for name in ("np-dpo", "oracle-hedging", "oracle-structure"):
+        assert training[name]["selection"]["best_step"] is not None, name
+    # --smoke: NP-DPO scored at steps 2 and 3 on both types, each oracle at 2 and 3 on its own type only
+    assert seen == [{0, 1}, {0, 1}, {0}, {0}, {1}, {1}]
+
+
 def test_npdpo_real_np_dpo_steps_apply_to_np_dpo_only():
     from steerable.experiments.npdpo_real import NPDPORealConfig
 

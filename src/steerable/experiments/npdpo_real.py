@@ -44,7 +44,7 @@ from steerable.policy.evaluation import PolicyEvaluator
 from steerable.policy.generation import SteeredPolicy, generate
 from steerable.policy.model import ConditionalPolicy, PolicyConfig, load_base_model
 from steerable.policy.sequences import autocast_context, prefix_cache_for
-from steerable.policy.tokens import PolicyTokenizer, collate
+from steerable.policy.tokens import PolicyTokenizer, TokenizedPairs, collate
 from steerable.policy.trainer import PolicyTrainConfig, train_policy
 from steerable.text.embedder import Embedder, EmbedderConfig, save_embedder_config
 from steerable.text.just_eval import ATTRIBUTES, response_attributes
@@ -65,7 +65,9 @@ class NPDPORealConfig(TextDataConfig):
         ["np-dpo", "btl-dpo", "oracle-dpo"], "policies to train (np-dpo is always trained)"
     )
     train_users: int = option(96, "simulated training users (half of each type)")
-    val_users: int = option(100, "simulated validation users (NP-BTL's model selection)")
+    val_users: int = option(
+        100, "simulated validation users, on their own prompts (the NP-BTL's and NP-DPO's best step)"
+    )
     test_users: int = option(64, "simulated held-out users, on held-out prompts")
     pairs_per_user: int = option(24, "answered pairs per user (all conflicting)")
     blocks: str = option("last:4", "blocks with LoRA and FiLM (all: the GPU path)")
@@ -96,6 +98,11 @@ class NPDPORealConfig(TextDataConfig):
         "max_context, on their own prompts); the best step is kept (0: the last step)",
     )
     val_tasks: int = option(64, "validation tasks of NP-DPO's checkpoint selection (users cycle)")
+    select_baselines: bool = option(
+        False,
+        "also keep BTL-DPO's and each oracle's best step on the validation users (an oracle: its own "
+        "type's); default: they train a fixed --steps",
+    )
     policy_seed: int | None = option(
         None,
         "seed of the policies' training only (LoRA init, task order); default: --seed. Another value "
@@ -243,6 +250,15 @@ def _simulate(study: Any, config: NPDPORealConfig, seed: int, responses: list[st
     return out
 
 
+def _subset(pairs: tuple[TokenizedPairs, PreferenceData], rows: np.ndarray) -> tuple[Any, PreferenceData]:
+    """Rows ``rows`` of (tokens, embeddings) of the same pairs."""
+    tokens, vectors = pairs
+    picked = TokenizedPairs(
+        [tokens.prompt[i] for i in rows], [tokens.chosen[i] for i in rows], [tokens.rejected[i] for i in rows]
+    )
+    return picked, vectors.select_rows(rows)
+
+
 def _rows_of_mode(data: Any, mode: int) -> np.ndarray:
     return np.flatnonzero(np.asarray(data.hidden_mode) == mode)
 
@@ -324,16 +340,20 @@ def run_npdpo_real(
         reward_accuracy = _reward_accuracy(reward_model, test_vec, names, config, s_eval)
 
     # the policies: one trainer, four datasets
-    runs: dict[str, tuple[bool, np.ndarray]] = {"np-dpo": (True, np.arange(train_vec.num_pairs))}
+    # name: (conditional, training rows, validation rows)
+    every_val = np.arange(val_vec.num_pairs)
+    runs: dict[str, tuple[bool, np.ndarray, np.ndarray]] = {
+        "np-dpo": (True, np.arange(train_vec.num_pairs), every_val)
+    }
     if "btl-dpo" in config.models:
-        runs["btl-dpo"] = (False, np.arange(train_vec.num_pairs))
+        runs["btl-dpo"] = (False, np.arange(train_vec.num_pairs), every_val)
     if "oracle-dpo" in config.models:
         for mode, name in enumerate(names):
-            runs[f"oracle-{name}"] = (False, _rows_of_mode(train_vec, mode))
+            runs[f"oracle-{name}"] = (False, _rows_of_mode(train_vec, mode), _rows_of_mode(val_vec, mode))
     policies: dict[str, ConditionalPolicy] = {}
     training: dict[str, Any] = {}
     train_seed = seed if config.policy_seed is None else config.policy_seed
-    for name, (conditional, rows) in runs.items():
+    for name, (conditional, rows, val_rows) in runs.items():
         t = time.perf_counter()
         encoder_from = out / "np-btl" if conditional and config.init_encoder else None
         policies[name], training[name] = _train(
@@ -347,7 +367,9 @@ def run_npdpo_real(
             train_seed,
             progress,
             encoder_from,
-            validation if conditional else None,
+            _subset(validation, val_rows)
+            if validation and (conditional or config.select_baselines)
+            else None,
         )
         timings[f"{name}_train_s"] = time.perf_counter() - t
     if main:
@@ -509,8 +531,6 @@ def _train(
 ) -> tuple[ConditionalPolicy, dict[str, Any]]:
     """One policy trained by the common trainer (resumes from ``out/name`` if a run is there); with
     ``validation`` (the validation users' tokens and embeddings) it keeps its best step on them."""
-    from steerable.policy.tokens import TokenizedPairs
-
     base, tokenizer = load_base_model(config.base_model)
     policy_config = PolicyConfig(
         base_model=config.base_model,
@@ -528,9 +548,7 @@ def _train(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         policy = ConditionalPolicy(policy_config, base, tokenizer)
-    subset = TokenizedPairs(
-        [tokens.prompt[i] for i in rows], [tokens.chosen[i] for i in rows], [tokens.rejected[i] for i in rows]
-    )
+    subset, subset_vectors = _subset((tokens, vectors), rows)
     steps = config.policy_steps(conditional)
     train_config = PolicyTrainConfig(
         max_steps=steps,
@@ -558,7 +576,7 @@ def _train(
     summary = train_policy(
         policy,
         subset,
-        vectors.select_rows(rows),
+        subset_vectors,
         train_config,
         out / name,
         progress,
