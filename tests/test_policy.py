@@ -568,3 +568,34 @@ def test_selection_scores_are_the_policys_validation_accuracy(tiny_world, tmp_pa
     )
     again.validate(0)
     assert again.history[0]["accuracy"] == pytest.approx(selection["best_accuracy"], abs=1e-6)
+
+
+def test_accuracy_table_gives_a_standard_error_clustered_by_prompt(tiny_world):
+    """The users of a split share its prompts: the table adds the error clustered by prompt."""
+    from steerable.evaluation import clustered_stderr
+    from steerable.objectives import prediction_hits
+
+    folder, data, vectors, _ = tiny_world
+    prompts = np.array([str(p) for p in data.prompts], dtype=object)
+    with_prompts = PreferenceData(
+        user_ids=vectors.user_ids,
+        chosen=vectors.chosen,
+        rejected=vectors.rejected,
+        hidden_mode=vectors.hidden_mode,
+        prompts=prompts,
+    )
+    policy = _build(folder)
+    torch.nn.init.normal_(policy.hypernetwork.net[-1].weight, std=2.0)  # margins that are not all zero
+    tokens = PolicyTokenizer(policy.tokenizer, 48, 24).pairs(data)
+    evaluator = PolicyEvaluator(policy, tokens, with_prompts)
+    tasks = evaluator.tasks([2], num_tasks=12, targets=4, seed=0)
+    row = evaluator.accuracy_table(tasks)["all"]["2"]
+    m = evaluator.margins(tasks[2])
+    hits = prediction_hits(m.margin)
+    _, by_prompt = np.unique(prompts[m.pair].astype(str), return_inverse=True)
+    assert row["num_prompts"] == len(np.unique(by_prompt)) > 2
+    assert row["stderr_by_prompt"] == pytest.approx(clustered_stderr(hits, np.ones_like(hits), by_prompt))
+    assert row["stderr"] == pytest.approx(clustered_stderr(hits, np.ones_like(hits), m.user))
+    assert (
+        "stderr_by_prompt" not in PolicyEvaluator(policy, tokens, vectors).accuracy_table(tasks)["all"]["2"]
+    )

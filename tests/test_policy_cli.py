@@ -256,6 +256,7 @@ def test_npdpo_real_smoke_schema(tmp_path, tiny_encoder, tiny_decoder, monkeypat
     assert types == ["hedging", "structure"]
     for t in types:
         assert set(r["models"]["np-dpo"]["accuracy"][t]) == {"0", "3"}
+        assert set(r["models"]["np-dpo"]["stderr_by_prompt"][t]) == {"0", "3"}  # test users share prompts
         assert set(r["models"]["btl-dpo"]["accuracy"][t]) == {"0"}
         assert set(r["models"]["oracle-dpo"]["accuracy"][t]) == {"0"}
     assert set(r["label_swap_flip_rate_by_context"]) == {"3"}

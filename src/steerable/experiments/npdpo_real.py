@@ -442,6 +442,17 @@ def run_npdpo_real(
             "stderr": {
                 m: {nc: v["stderr"] for nc, v in row.items()} for m, row in table.items() if m != "all"
             },
+            # the test users share a few held-out prompts: the prompts' luck, which "stderr" leaves out
+            "stderr_by_prompt": {
+                m: {nc: v.get("stderr_by_prompt") for nc, v in row.items()}
+                for m, row in table.items()
+                if m != "all"
+            },
+            "num_prompts": {
+                m: {nc: v.get("num_prompts") for nc, v in row.items()}
+                for m, row in table.items()
+                if m != "all"
+            },
         }
         for name, table in tables.items()
     }

@@ -50,10 +50,10 @@ class TargetMargins:
     def accuracy(self) -> float:
         return float(np.mean(prediction_hits(self.margin))) if len(self.margin) else float("nan")
 
-    def stderr(self) -> float:
-        """Standard error of :meth:`accuracy`, clustered by user."""
+    def stderr(self, clusters: np.ndarray | None = None) -> float:
+        """Standard error of :meth:`accuracy`, clustered by user (or by ``clusters`` (M,), e.g. prompts)."""
         hits = prediction_hits(self.margin)
-        return clustered_stderr(hits, np.ones_like(hits), self.user)
+        return clustered_stderr(hits, np.ones_like(hits), self.user if clusters is None else clusters)
 
 
 class PolicyEvaluator:
@@ -176,7 +176,17 @@ class PolicyEvaluator:
         self, tasks: dict[int, list[TaskBatch]], mode_names: list[str] | None = None
     ) -> dict[str, dict[str, dict[str, float]]]:
         """{mode: {N^C: {"accuracy", "stderr" (clustered by user), "num_scored", "num_users"}}} (plus
-        "all")."""
+        "all"); with the pairs' prompts known, also "stderr_by_prompt" (clustered by prompt) and
+        "num_prompts": the users of a split answer the same few prompts, so the prompts are a second
+        sample whose luck the user-clustered error leaves out."""
+        prompt_id = None
+        if self.embedded.prompts is not None:  # a pair without a prompt is a cluster of its own (-1)
+            names = {
+                p: i for i, p in enumerate(sorted({str(p) for p in self.embedded.prompts if p is not None}))
+            }
+            prompt_id = np.array(
+                [-1 if p is None else names[str(p)] for p in self.embedded.prompts], np.int64
+            )
         result: dict[str, dict[str, dict[str, float]]] = {}
         for nc, batches in tasks.items():
             m = self.margins(batches)
@@ -186,12 +196,17 @@ class PolicyEvaluator:
                 groups[name] = m.mode == mode
             for name, keep in groups.items():
                 part = m.select(keep)
-                result.setdefault(name, {})[str(nc)] = {
+                row = {
                     "accuracy": part.accuracy(),
                     "stderr": part.stderr(),
                     "num_scored": len(part.margin),
                     "num_users": len(np.unique(part.user)),
                 }
+                if prompt_id is not None:
+                    prompts = prompt_id[part.pair]
+                    row["stderr_by_prompt"] = part.stderr(prompts)
+                    row["num_prompts"] = len(np.unique(prompts[prompts >= 0]))
+                result.setdefault(name, {})[str(nc)] = row
         return dict(sorted(result.items(), key=lambda kv: kv[0] != "all"))
 
     @torch.no_grad()
