@@ -599,3 +599,34 @@ def test_accuracy_table_gives_a_standard_error_clustered_by_prompt(tiny_world):
     assert (
         "stderr_by_prompt" not in PolicyEvaluator(policy, tokens, vectors).accuracy_table(tasks)["all"]["2"]
     )
+
+
+def test_a_moved_np_btl_folder_still_resumes_but_other_weights_do_not(tiny_world, tmp_path):
+    import shutil
+
+    from steerable.errors import ConfigError
+    from steerable.models import RewardModelConfig, build_reward_model
+    from steerable.training import TrainConfig, train_reward_model
+
+    folder, data, vectors, _ = tiny_world
+    config = RewardModelConfig(model_type="np-btl", input_dim=6, hidden_dim=16, latent_dim=8, num_heads=8)
+    for name, seed in (("rm", 0), ("other", 1)):
+        train_reward_model(
+            build_reward_model(config, seed=seed),
+            vectors,
+            None,
+            TrainConfig(max_steps=2, batch_size=4, num_targets=4, max_context=2, val_tasks=8, eval_every=2),
+            out_dir=tmp_path / name,
+        )
+    shutil.copytree(tmp_path / "rm", tmp_path / "moved")
+    tokens = PolicyTokenizer(_build(folder).tokenizer, 48, 24).pairs(data)
+
+    def run(encoder_from: str, steps: int):
+        policy = _build(folder, encoder="attention", encoder_hidden=16, latent_dim=8)
+        settings = _train_config(max_steps=steps, init_encoder=str(tmp_path / encoder_from))
+        return train_policy(policy, tokens, vectors, settings, tmp_path / "run", progress=False)
+
+    run("rm", 2)
+    assert run("moved", 4)["resumed_from"] == 2
+    with pytest.raises(ConfigError, match="init_encoder"):
+        run("other", 6)

@@ -306,6 +306,8 @@ def train_policy(
         "train": config_to_dict(config),
         "policy": policy.config.to_json(),
         "data": {"fingerprint": data_fingerprint(tokens, embedded)},
+        # what the encoder starts from, by content: a moved or copied NP-BTL folder still resumes
+        "init_encoder_weights": folder_fingerprint(config.init_encoder) if config.init_encoder else None,
         **(description or {}),
     }
 
@@ -517,6 +519,21 @@ def data_fingerprint(tokens: TokenizedPairs, embedded: PreferenceData) -> str:
     return f"{len(tokens.chosen)}:{digest.hexdigest()[:16]}"
 
 
+def folder_fingerprint(folder: str | Path) -> str | None:
+    """sha256 prefix of a saved model folder's ``config.json`` and ``model.safetensors`` (None: missing)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        path = Path(folder) / name
+        if not path.exists():
+            return None
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def _changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Settings that differ between a checkpointed run and this one (``policy.*``, ``train.*``, the data
     and the number of processes)."""
@@ -529,6 +546,11 @@ def _changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[st
         for k in current["train"]
         if k not in RESUMABLE_CHANGES and saved_train.get(k) != current["train"][k]
     ]
+    before, now = saved.get("init_encoder_weights"), current.get("init_encoder_weights")
+    if before is not None and now is not None:  # the NP-BTL by content, wherever its folder is now
+        changed = [c for c in changed if c != "train.init_encoder"]
+        if before != now:
+            changed.append("train.init_encoder (the NP-BTL's weights)")
     if saved.get("num_processes", 1) != current["num_processes"]:
         changed.append(f"num_processes ({saved.get('num_processes', 1)} -> {current['num_processes']})")
     old_data = saved.get("data", {}).get("fingerprint")
