@@ -248,15 +248,6 @@ def _simulate(study: Any, config: NPDPORealConfig, seed: int, responses: list[st
     return out
 
 
-def _subset(pairs: tuple[TokenizedPairs, PreferenceData], rows: np.ndarray) -> tuple[Any, PreferenceData]:
-    """Rows ``rows`` of (tokens, embeddings) of the same pairs."""
-    tokens, vectors = pairs
-    picked = TokenizedPairs(
-        [tokens.prompt[i] for i in rows], [tokens.chosen[i] for i in rows], [tokens.rejected[i] for i in rows]
-    )
-    return picked, vectors.select_rows(rows)
-
-
 def _rows_of_mode(data: Any, mode: int) -> np.ndarray:
     return np.flatnonzero(np.asarray(data.hidden_mode) == mode)
 
@@ -365,7 +356,7 @@ def run_npdpo_real(
             train_seed,
             progress,
             encoder_from,
-            _subset(validation, val_rows)
+            (validation[0].select_rows(val_rows), validation[1].select_rows(val_rows))
             if validation and (conditional or config.select_baselines)
             else None,
         )
@@ -536,7 +527,7 @@ def _train(
     seed: int,
     progress: bool,
     encoder_from: Path | None = None,
-    validation: tuple[Any, PreferenceData] | None = None,
+    validation: tuple[TokenizedPairs, PreferenceData] | None = None,
 ) -> tuple[ConditionalPolicy, dict[str, Any]]:
     """One policy trained by the common trainer (resumes from ``out/name`` if a run is there); with
     ``validation`` (the validation users' tokens and embeddings) it keeps its best step on them."""
@@ -557,7 +548,6 @@ def _train(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         policy = ConditionalPolicy(policy_config, base, tokenizer)
-    subset, subset_vectors = _subset((tokens, vectors), rows)
     steps = config.policy_steps(conditional)
     train_config = PolicyTrainConfig(
         max_steps=steps,
@@ -584,8 +574,8 @@ def _train(
     )
     summary = train_policy(
         policy,
-        subset,
-        subset_vectors,
+        tokens.select_rows(rows),
+        vectors.select_rows(rows),
         train_config,
         out / name,
         progress,

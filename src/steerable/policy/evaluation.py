@@ -98,17 +98,23 @@ class PolicyEvaluator:
             self._margins[key] = (batches, self.score(batches, swap_context))  # batches kept alive
         return self._margins[key][1]
 
+    def fill_prefixes(self, batches: list[TaskBatch], progress: bool = False) -> int:
+        """Compute the cached prefixes of every scored target of ``batches`` that the cache lacks, at once
+        (length-sorted into full forwards); returns how many sequences were new."""
+        if not self.store.uses_prefix:
+            return 0
+        targets = {
+            int(p) for b in batches for p in b.pair_index[:, b.num_context :].flatten().tolist() if p >= 0
+        }
+        return self.store.fill(sorted(p for p in targets if self.scored[p]), progress=progress)
+
     @torch.no_grad()
     @denormals_flushed()
     def score(self, batches: list[TaskBatch], swap_context: bool = False) -> TargetMargins:
         """Margins of the scored targets of every task in ``batches`` by the policy as it is now (not
         kept: :meth:`margins` keeps them)."""
         device = self.policy.device
-        if self.store.uses_prefix:  # every sequence's prefix at once, length-sorted into full forwards
-            scored = {
-                int(p) for b in batches for p in b.pair_index[:, b.num_context :].flatten().tolist() if p >= 0
-            }
-            self.store.fill(sorted(p for p in scored if self.scored[p]), progress=False)
+        self.fill_prefixes(batches)
         out_margin, out_mode, out_task, out_user, out_pair = [], [], [], [], []
         task_offset = 0
         label = "scoring (context labels swapped)" if swap_context else "scoring"

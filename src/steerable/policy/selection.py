@@ -53,7 +53,6 @@ class CheckpointSelector:
         self.evaluator = PolicyEvaluator(
             policy, tokens, embedded, beta, autocast=autocast, prefix_cache=prefix_cache
         )
-        self.context = context
         self.batches = self.evaluator.tasks([context], num_tasks, targets, seed)[context]
         self.history: list[dict[str, float]] = []  # {"step", "accuracy"} per validation
         self.best_step: int | None = None
@@ -62,9 +61,7 @@ class CheckpointSelector:
 
     def prepare(self, progress: bool) -> int:
         """Compute the validation sequences' cached prefixes (once; returns how many were new)."""
-        targets = [b.pair_index[:, b.num_context :].flatten().tolist() for b in self.batches]
-        pairs = {int(p) for rows in targets for p in rows if p >= 0}
-        return self.evaluator.store.fill(sorted(pairs), progress=progress)
+        return self.evaluator.fill_prefixes(self.batches, progress)
 
     def validate(self, step: int) -> bool:
         """Score the policy as it is now; returns whether this step is the best so far (its weights are

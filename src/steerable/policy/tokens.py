@@ -11,9 +11,11 @@ TRL's ``max_completion_length``); a cut response has no EOS (it goes on). Cuts a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,6 +31,11 @@ class TokenizedPairs:
     rejected: list[list[int]]
     truncated: int = 0  # sequences cut to fit the limits
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def select_rows(self, rows: Sequence[int] | np.ndarray) -> TokenizedPairs:
+        """The pairs ``rows`` (as :meth:`PreferenceData.select_rows` picks the same pairs' embeddings)."""
+        pick = lambda seqs: [seqs[int(i)] for i in rows]  # noqa: E731
+        return TokenizedPairs(pick(self.prompt), pick(self.chosen), pick(self.rejected))
 
 
 class PolicyTokenizer:

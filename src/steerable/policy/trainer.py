@@ -42,6 +42,7 @@ from steerable.policy.model import ConditionalPolicy, PolicyConfig
 from steerable.policy.selection import CheckpointSelector
 from steerable.policy.sequences import SequenceStore, prefix_cache_for
 from steerable.policy.tokens import PairBatch, TokenizedPairs, pair_batch
+from steerable.text.models import folder_fingerprint
 from steerable.training import MetricsLog
 from steerable.utils.config import config_to_dict, option
 from steerable.utils.distributed import (
@@ -307,7 +308,11 @@ def train_policy(
         "policy": policy.config.to_json(),
         "data": {"fingerprint": data_fingerprint(tokens, embedded)},
         # what the encoder starts from, by content: a moved or copied NP-BTL folder still resumes
-        "init_encoder_weights": folder_fingerprint(config.init_encoder) if config.init_encoder else None,
+        "init_encoder_weights": (
+            folder_fingerprint(Path(config.init_encoder), ("config.json", "model.safetensors"))
+            if config.init_encoder
+            else None
+        ),
         **(description or {}),
     }
 
@@ -517,21 +522,6 @@ def data_fingerprint(tokens: TokenizedPairs, embedded: PreferenceData) -> str:
             digest.update(np.asarray(ids, dtype=np.int64).tobytes())
             digest.update(b"|")
     return f"{len(tokens.chosen)}:{digest.hexdigest()[:16]}"
-
-
-def folder_fingerprint(folder: str | Path) -> str | None:
-    """sha256 prefix of a saved model folder's ``config.json`` and ``model.safetensors`` (None: missing)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        path = Path(folder) / name
-        if not path.exists():
-            return None
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def _changed_settings(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -40,10 +40,12 @@ def _package_dir(package: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def folder_fingerprint(folder: Path) -> str:
-    """SHA-256 over config/tokenizer files and, for each weight file, its size and first/last MiB."""
+def folder_fingerprint(folder: Path, names: tuple[str, ...] | None = None) -> str:
+    """SHA-256 over config/tokenizer files and, for each weight file, its size and first/last MiB (only the
+    files ``names``, relative to ``folder``, when given)."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    files = folder.rglob("*") if names is None else (folder / name for name in names)
+    for path in sorted(p for p in files if p.is_file()):
         rel = str(path.relative_to(folder))
         digest.update(rel.encode())
         if path.suffix in (".safetensors", ".bin", ".gguf", ".pt", ".pth"):
