@@ -630,3 +630,57 @@ def test_a_moved_np_btl_folder_still_resumes_but_other_weights_do_not(tiny_world
     assert run("moved", 4)["resumed_from"] == 2
     with pytest.raises(ConfigError, match="init_encoder"):
         run("other", 6)
+
+
+def test_a_mirror_user_is_trained_on_the_same_pairs_with_every_label_swapped(tiny_world, tmp_path):
+    """``mirror_users``: the terms of a task's mirror are those of a user whose context and target pairs
+    have chosen and rejected exchanged (checked against a batch built that way by hand)."""
+    from steerable.policy.tokens import TokenizedPairs, pair_batch
+    from steerable.policy.trainer import mirror_context, mirror_terms, step_terms
+
+    folder, data, vectors, _ = tiny_world
+    torch.manual_seed(0)
+    policy = _build(folder, lora_gates=True).eval()
+    for net in (policy.hypernetwork.net[-1], policy.gate_network.net[-1]):
+        torch.nn.init.normal_(net.weight, std=0.5)  # so that a context matters
+    for name, p in policy.lm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    tokens = PolicyTokenizer(policy.tokenizer, 48, 24).pairs(data)
+    swapped = TokenizedPairs(tokens.prompt, tokens.rejected, tokens.chosen)
+    pad = policy.tokenizer.pad_token_id
+    rows = [[0, 1], [5]]
+    real = 3
+    context = (torch.randn(2, 3, 6), torch.randn(2, 3, 6), torch.tensor([[1, 1, 0], [1, 1, 1]]).bool())
+    with torch.no_grad():
+        both = pair_batch(tokens, rows + rows, pad, "cpu")
+        mirrored = mirror_terms(step_terms(policy, policy, both, mirror_context(context)), real)
+        own = step_terms(policy, policy, pair_batch(tokens, rows, pad, "cpu"), context)
+        by_hand = step_terms(
+            policy, policy, pair_batch(swapped, rows, pad, "cpu"), (context[1], context[0], context[2])
+        )
+    for key in ("policy_chosen", "policy_rejected", "reference_chosen", "chosen_nll", "chosen_tokens"):
+        assert torch.allclose(mirrored[key][:real], own[key], atol=1e-5), key
+        assert torch.allclose(mirrored[key][real:], by_hand[key], atol=1e-5), key
+    # the mirror's preference is the real user's reversed only through z: its margin is not simply negated
+    margin = mirrored["policy_chosen"] - mirrored["policy_rejected"]
+    assert not torch.allclose(margin[real:], -margin[:real], atol=1e-3)
+    # a BTL-DPO policy has no context to mirror
+    with pytest.raises(ConfigError, match="mirror_users"):
+        train_policy(
+            _build(folder, conditional=False),
+            tokens,
+            vectors,
+            _train_config(mirror_users=True),
+            tmp_path / "btl",
+            progress=False,
+        )
+    summary = train_policy(
+        _build(folder),
+        tokens,
+        vectors,
+        _train_config(mirror_users=True, max_steps=2),
+        tmp_path / "np",
+        progress=False,
+    )
+    assert summary["steps"] == 2

@@ -79,6 +79,11 @@ class NPDPORealConfig(TextDataConfig):
         "keep NP-DPO's context encoder as the NP-BTL trained it (default: it starts there and trains "
         "with the policy, which did better on seed 1; see the README)",
     )
+    mirror_users: bool = option(
+        False,
+        "NP-DPO also trains every task's mirror user (the same pairs, labels swapped: a user of the other "
+        "type, since every pair of these users conflicts); doubles its sequences per step",
+    )
     lora_r: int = option(16, "LoRA rank (alpha = 2 r)")
     lora_gates: bool = option(
         True,
@@ -565,6 +570,7 @@ def _train(
         cache_dir=config.cache_dir,
         init_encoder=str(encoder_from) if encoder_from is not None else None,
         freeze_encoder=config.freeze_encoder and encoder_from is not None,
+        mirror_users=config.mirror_users and conditional,
         save_every=max(1, min(50, steps)),
         log_every=max(1, min(10, steps // 4)),
         validate_every=config.validate_every if validation is not None else 0,

@@ -127,6 +127,13 @@ class PolicyTrainConfig:
         "the context encoder (it already tells users apart; the hypernetwork learns what to do with z)",
     )
     freeze_encoder: bool = option(False, "keep the context encoder as it starts (with --init-encoder)")
+    mirror_users: bool = option(
+        False,
+        "NP-DPO: each step also trains every task's mirror user, the same context and target pairs with "
+        "their labels swapped. Valid only when each pair's two answers are preferred by two user types of "
+        "equal share (the npdpo-real and npdpo-hh users, whose pairs all conflict): the mirror is then a "
+        "user of the other type. Doubles the sequences per step",
+    )
     validate_every: int = option(
         0,
         "steps between scoring the validation users (needs validation data); the policy saved is then the "
@@ -215,7 +222,31 @@ def step_terms(
         "reference_rejected": reference[n:],
         "chosen_nll": -logps[:n],  # summed over each chosen response's tokens
         "chosen_tokens": lengths[:n],
+        "rejected_tokens": lengths[n:],
     }
+
+
+def mirror_context(context: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Context of B users (chosen, rejected (B, N, D), mask (B, N)) → of 2B: the users, then their mirrors
+    (every context pair's labels swapped)."""
+    chosen, rejected, mask = context
+    return torch.cat([chosen, rejected]), torch.cat([rejected, chosen]), torch.cat([mask, mask])
+
+
+def mirror_terms(terms: dict[str, torch.Tensor], real: int) -> dict[str, torch.Tensor]:
+    """:func:`step_terms` of a batch whose pairs after the first ``real`` are the mirror users' (the same
+    pairs, labels swapped): swap chosen and rejected there, so every term is of the mirror user's choice."""
+    swapped = {}
+    for chosen_key, rejected_key in (
+        ("policy_chosen", "policy_rejected"),
+        ("reference_chosen", "reference_rejected"),
+        ("chosen_tokens", "rejected_tokens"),
+    ):
+        chosen, rejected = terms[chosen_key], terms[rejected_key]
+        swapped[chosen_key] = torch.cat([chosen[:real], rejected[real:]])
+        swapped[rejected_key] = torch.cat([rejected[:real], chosen[real:]])
+    swapped["chosen_nll"] = -swapped["policy_chosen"]
+    return swapped
 
 
 def disable_dropout(module: torch.nn.Module) -> None:
@@ -265,6 +296,10 @@ def train_policy(
         raise ConfigError(
             f"users_per_batch ({config.users_per_batch}) is per step over all processes: it must be "
             f"divisible by the number of processes ({world})"
+        )
+    if config.mirror_users and policy.hooks is None:
+        raise ConfigError(
+            "mirror_users trains users with swapped labels: it needs NP-DPO (a context encoder)"
         )
     if config.validate_every and validation is None:
         raise ConfigError("validate_every needs validation users' pairs (train-policy: --val-data)")
@@ -405,8 +440,6 @@ def train_policy(
                 rows = [[int(i) for i in r if i >= 0] for r in index]
                 keep = [k for k, r in enumerate(rows) if r]
                 rows = [rows[k] for k in keep]
-                flat = [i for r in rows for i in r]
-                batch = pair_batch(tokens, rows, pad_id, device)
                 context = None
                 if policy.hooks is not None:
                     keep_t = torch.tensor(keep)
@@ -415,10 +448,17 @@ def train_policy(
                         task.context_rejected[keep_t].to(device),
                         task.context_mask[keep_t].to(device),
                     )
+                if config.mirror_users:
+                    mirrored = sum(len(r) for r in rows)  # pairs of the real users; the mirrors' follow
+                    rows, context = rows + rows, mirror_context(context)
+                flat = [i for r in rows for i in r]
+                batch = pair_batch(tokens, rows, pad_id, device)
                 known = config.cache_reference or store.uses_prefix
                 reference = store.reference(flat) if known else None
                 prefix = store.prefix(flat, batch.input_ids.shape[1])
                 terms = step_terms(wrapped, policy, batch, context, reference, prefix, accelerator.autocast)
+                if config.mirror_users:
+                    terms = mirror_terms(terms, mirrored)
                 loss = dpo_loss(
                     terms["policy_chosen"],
                     terms["policy_rejected"],
