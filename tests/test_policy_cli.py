@@ -158,6 +158,20 @@ def test_clear_errors(policy_world, tiny_encoder, tmp_path, capsys):
     args = ["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "hi"]
     assert main(args) == 2
     assert "not a policy folder" in capsys.readouterr().err
+    # a mirror user is another type's user only when every pair conflicts
+    args = [
+        "experiment",
+        "npdpo-hh",
+        "--out",
+        str(tmp_path / "hh"),
+        "--mirror-users",
+        "--conflict-rate",
+        "0.5",
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "mirror_users needs conflict_rate 1" in err and "Traceback" not in err
+    assert not (tmp_path / "hh").exists()
 
 
 def test_npdpo_synthetic_schema(tmp_path, tiny_encoder):

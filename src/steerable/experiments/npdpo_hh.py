@@ -26,6 +26,7 @@ import torch
 
 from steerable.data.schema import PreferenceData
 from steerable.data.text import TextPreferences
+from steerable.errors import ConfigError
 from steerable.experiments.common import begin_study, child_seeds, console, write_results
 from steerable.experiments.policy_report import plot_policy_accuracy, plot_training, print_policy_table
 from steerable.experiments.text_common import (
@@ -60,6 +61,11 @@ class NPDPOHHConfig(TextDataConfig):
     policy_learning_rate: float = option(2e-4, "policy learning rate (AdamW)")
     beta: float = option(0.05, "DPO β (paper: 0.05)")
     nll_weight: float = option(1.0, "chosen-NLL weight (keeps generation fluent)")
+    mirror_users: bool = option(
+        False,
+        "NP-DPO also trains every task's mirror user (labels swapped: a user of the other type when every "
+        "pair conflicts, so it needs conflict_rate 1); doubles its sequences per step",
+    )
     lora_r: int = option(16, "LoRA rank")
     policy_max_length: int = option(512, "policy tokens per prompt + response")
     policy_max_prompt_length: int = option(256, "policy tokens per prompt (cut from the left)")
@@ -73,6 +79,11 @@ class NPDPOHHConfig(TextDataConfig):
     max_new_tokens: int = option(192, "tokens per generated response")
 
     def __post_init__(self) -> None:
+        if self.mirror_users and self.conflict_rate != 1.0:
+            raise ConfigError(
+                f"mirror_users needs conflict_rate 1 (a mirror is a user of the other type only when every "
+                f"pair conflicts), got {self.conflict_rate}"
+            )
         if self.smoke:  # every size that matters for time, shrunk together
             values = dict(
                 max_prompts=40,
@@ -196,6 +207,7 @@ def run_npdpo_hh(
             warmup_steps=min(20, max(1, config.steps // 10)),
             beta=config.beta,
             nll_weight=config.nll_weight,
+            mirror_users=config.mirror_users and conditional,
             max_length=config.policy_max_length,
             max_prompt_length=config.policy_max_prompt_length,
             gradient_checkpointing=config.gradient_checkpointing,
