@@ -344,11 +344,14 @@ def test_npdpo_real_select_baselines_scores_each_oracle_on_its_own_type(
     assert seen == [{0, 1}, {0, 1}, {0}, {0}, {1}, {1}]
 
 
-def test_npdpo_real_np_dpo_steps_apply_to_np_dpo_only():
+def test_npdpo_real_np_dpo_steps_apply_to_np_dpo_only_and_halve_with_mirror_users():
     from steerable.experiments.npdpo_real import NPDPORealConfig
 
-    assert NPDPORealConfig().policy_steps(conditional=True) == 300
-    assert NPDPORealConfig(steps=50).policy_steps(conditional=True) == 50
+    assert NPDPORealConfig().policy_steps(conditional=True) == 150  # mirrored: twice the sequences a step
+    assert NPDPORealConfig().policy_steps(conditional=False) == 300
+    assert NPDPORealConfig(mirror_users=False).policy_steps(conditional=True) == 300
+    assert NPDPORealConfig(steps=50, mirror_users=False).policy_steps(conditional=True) == 50
+    assert NPDPORealConfig(steps=1).policy_steps(conditional=True) == 1
     config = NPDPORealConfig(steps=50, np_dpo_steps=70)
     assert config.policy_steps(conditional=True) == 70
     assert config.policy_steps(conditional=False) == 50  # BTL-DPO and the oracles

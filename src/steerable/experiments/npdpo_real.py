@@ -80,9 +80,10 @@ class NPDPORealConfig(TextDataConfig):
         "with the policy, which did better on seed 1; see the README)",
     )
     mirror_users: bool = option(
-        False,
+        True,
         "NP-DPO also trains every task's mirror user (the same pairs, labels swapped: a user of the other "
-        "type, since every pair of these users conflicts); doubles its sequences per step",
+        "type, since every pair of these users conflicts); a step trains twice the sequences, so NP-DPO "
+        "takes half the steps by default (see the README)",
     )
     lora_r: int = option(16, "LoRA rank (alpha = 2 r)")
     lora_gates: bool = option(
@@ -93,8 +94,9 @@ class NPDPORealConfig(TextDataConfig):
     steps: int = option(300, "training steps of BTL-DPO and the oracles (and NP-DPO's without np_dpo_steps)")
     np_dpo_steps: int | None = option(
         None,
-        "NP-DPO's training steps (default: steps). 600 shows it as many pairs of each type as each oracle "
-        "sees of its own; it moved seed 0's hedging users +0.13 and seed 1's -0.11 (see the README)",
+        "NP-DPO's training steps (default: steps, halved with mirror_users, so that NP-DPO trains as many "
+        "sequences as BTL-DPO). Without mirrors, 600 moved seed 0's hedging users +0.13 and seed 1's -0.11 "
+        "(see the README)",
     )
     validate_every: int = option(
         0,
@@ -178,8 +180,13 @@ class NPDPORealConfig(TextDataConfig):
                 setattr(self, key, value)
 
     def policy_steps(self, conditional: bool) -> int:
-        """Training steps of NP-DPO (``conditional``) or of BTL-DPO and the oracles."""
-        return self.np_dpo_steps if conditional and self.np_dpo_steps is not None else self.steps
+        """Training steps of NP-DPO (``conditional``) or of BTL-DPO and the oracles. A mirrored step trains
+        twice the sequences, so by default NP-DPO with mirror users takes half the steps."""
+        if not conditional:
+            return self.steps
+        if self.np_dpo_steps is not None:
+            return self.np_dpo_steps
+        return max(1, self.steps // 2) if self.mirror_users else self.steps
 
 
 def budget_table(table: ResponseTable, tokenizer: Any, tokens: int) -> ResponseTable:
