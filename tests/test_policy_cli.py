@@ -336,6 +336,7 @@ def test_npdpo_real_select_baselines_scores_each_oracle_on_its_own_type(
     args += ["--embedder", tiny_encoder, "--base-model", tiny_decoder, "--blocks", "last:1"]
     args += ["--cache-dir", str(tmp_path / "cache"), "--max-length", "64", "--generation-prompts", "0"]
     args += ["--models", "np-dpo,oracle-dpo", "--validate-every", "2", "--select-baselines"]
+    args += ["--np-dpo-steps", "3"]  # as many as the oracles' (mirrored NP-DPO would take half)
     assert main(args) == 0
     training = json.loads((tmp_path / "r" / "results.json").read_text())["training"]
     for name in ("np-dpo", "oracle-hedging", "oracle-structure"):
