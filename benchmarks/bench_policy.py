@@ -110,7 +110,7 @@ def make_step(policy: ConditionalPolicy, precision: str, cache_dir: str):
             terms["reference_chosen"],
             terms["reference_rejected"],
             0.05,
-            chosen_nll=terms["chosen_nll"],
+            chosen_nll=-terms["policy_chosen"],
             chosen_tokens=terms["chosen_tokens"],
             nll_weight=1.0,
         )

@@ -220,7 +220,6 @@ def step_terms(
         "policy_rejected": logps[n:],
         "reference_chosen": reference[:n],
         "reference_rejected": reference[n:],
-        "chosen_nll": -logps[:n],  # summed over each chosen response's tokens
         "chosen_tokens": lengths[:n],
         "rejected_tokens": lengths[n:],
     }
@@ -245,7 +244,6 @@ def mirror_terms(terms: dict[str, torch.Tensor], real: int) -> dict[str, torch.T
         chosen, rejected = terms[chosen_key], terms[rejected_key]
         swapped[chosen_key] = torch.cat([chosen[:real], rejected[real:]])
         swapped[rejected_key] = torch.cat([rejected[:real], chosen[real:]])
-    swapped["chosen_nll"] = -swapped["policy_chosen"]
     return swapped
 
 
@@ -465,7 +463,7 @@ def train_policy(
                     terms["reference_chosen"],
                     terms["reference_rejected"],
                     config.beta,
-                    chosen_nll=terms["chosen_nll"],
+                    chosen_nll=-terms["policy_chosen"],  # each chosen response's summed NLL
                     chosen_tokens=terms["chosen_tokens"],
                     nll_weight=config.nll_weight,
                 )
@@ -607,5 +605,5 @@ def _metrics(terms: dict[str, torch.Tensor], loss: torch.Tensor, beta: float) ->
             "logps/rejected": float(terms["policy_rejected"].mean()),
             "logratio/chosen": float((terms["policy_chosen"] - terms["reference_chosen"]).mean()),
             "logratio/rejected": float((terms["policy_rejected"] - terms["reference_rejected"]).mean()),
-            "nll": float(terms["chosen_nll"].sum() / terms["chosen_tokens"].sum().clamp(min=1)),
+            "nll": float(-terms["policy_chosen"].sum() / terms["chosen_tokens"].sum().clamp(min=1)),
         }
