@@ -352,6 +352,22 @@ def test_evaluator_scores_only_targets_and_unconditional_policies_never_flip(tin
     assert not [p for p, t in zip(margins.pair, margins.task, strict=True) if int(p) in contexts[int(t)]]
 
 
+def test_a_share_of_targets_has_its_standard_error_clustered_by_user_and_by_prompt():
+    """Two users, each always flips or never: the user-clustered error is the users' spread (0.5), not
+    the 4 targets' as if independent (0.29); a prompt that splits every user has no between-prompt
+    spread at all."""
+    from steerable.policy.evaluation import clustered_share
+
+    flips = np.array([1.0, 1.0, 0.0, 0.0])
+    out = clustered_share(flips, users=np.array([0, 0, 1, 1]), prompts=np.array([0, 1, 0, 1]))
+    assert out["share"] == 0.5 and out["num_scored"] == 4
+    assert out["stderr"] == pytest.approx(0.5)
+    assert out["stderr_by_prompt"] == pytest.approx(0.0)
+    independent = clustered_share(flips, users=np.array([0, 1, 2, 3]))
+    assert independent["stderr"] == pytest.approx(np.sqrt(4 / 3) / 4)
+    assert "stderr_by_prompt" not in independent
+
+
 def test_generation_is_seeded_and_steered(tiny_world):
     folder, *_ = tiny_world
     torch.manual_seed(0)

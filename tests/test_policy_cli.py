@@ -128,6 +128,7 @@ def test_train_evaluate_generate(policy_world, tiny_encoder, tmp_path, capsys):
     assert set(result["accuracy"]) == {"0", "2"}
     assert all(0.0 <= v <= 1.0 for v in result["accuracy"].values())
     assert 0.0 <= result["label_swap_flip_rate"] <= 1.0
+    assert result["label_swap_flip_rate_stderr"] >= 0.0  # clustered by user (4 tasks, several users)
     assert set(result["accuracy_by_mode"]) <= {"0", "1"}
 
     capsys.readouterr()
@@ -190,6 +191,7 @@ def test_npdpo_synthetic_schema(tmp_path, tiny_encoder):
     gen = r["generation"]["np-dpo"]
     assert 0 <= gen["with_context"] <= 1 and 0 <= gen["without_context"] <= 1
     assert 0 <= r["label_swap_flip_rate"] <= 1
+    assert set(r["label_swap_flip_rate_stderr_by_context"]) == set(r["label_swap_flip_rate_by_context"])
     assert (out / "npdpo_synthetic.png").exists() and (out / "npdpo_training.png").exists()
 
 
@@ -275,6 +277,8 @@ def test_npdpo_real_smoke_schema(tmp_path, tiny_encoder, tiny_decoder, monkeypat
         assert set(r["models"]["oracle-dpo"]["accuracy"][t]) == {"0"}
     assert set(r["label_swap_flip_rate_by_context"]) == {"3"}
     assert set(r["label_swap_flip_rate_of_oracles_by_context"]) == {"3"}
+    for key in ("stderr", "stderr_by_prompt", "of_oracles_stderr"):
+        assert set(r[f"label_swap_flip_rate_{key}_by_context"]) == {"3"}
     assert 0.0 <= r["label_swap_flip_rate_of_oracles_by_context"]["3"] <= 1.0
     assert set(r["user_embedding_type_probe"]) == {"3"}
     g = r["generation"]
@@ -425,7 +429,7 @@ def test_oracle_disagreement_counts_pairs_where_the_two_oracles_pick_different_w
 
     a = {0: 1.0, 1: 1.0, 2: 0.0, 3: 0.5}
     b = {0: 0.0, 1: 1.0, 2: 1.0, 3: 0.5}
-    assert oracle_disagreement(np.array([0, 1, 2, 3]), a, b) == 0.5
-    assert oracle_disagreement(np.array([0, 0, 1, 3]), a, b) == 0.5
-    assert oracle_disagreement(np.array([1, 3]), a, b) == 0.0
-    assert np.isnan(oracle_disagreement(np.array([], dtype=np.int64), a, b))
+    assert oracle_disagreement(np.array([0, 1, 2, 3]), a, b).tolist() == [1, 0, 1, 0]
+    assert oracle_disagreement(np.array([0, 0, 1, 3]), a, b).mean() == 0.5
+    assert oracle_disagreement(np.array([1, 3]), a, b).mean() == 0.0
+    assert len(oracle_disagreement(np.array([], dtype=np.int64), a, b)) == 0

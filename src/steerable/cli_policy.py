@@ -248,7 +248,9 @@ def _run_evaluate_policy(args: argparse.Namespace) -> int:
         "mixed_precision": precision,
     }
     if steered.policy.hooks is not None and max(sizes) > 0:
-        result["label_swap_flip_rate"] = evaluator.label_swap_flip_rate(tasks[max(sizes)])
+        swap = evaluator.label_swap(tasks[max(sizes)])
+        result["label_swap_flip_rate"] = swap["share"]
+        result["label_swap_flip_rate_stderr"] = swap["stderr"]  # clustered by user
     print(json.dumps(result, indent=2))
     if args.json:
         write_json_atomic(args.json, result)

@@ -252,7 +252,7 @@ def run_npdpo_hh(
     btl_acc = evaluators["btl-dpo"].accuracy_by_mode({0: tasks[sizes[0]]}, names)
     btl_acc = {k: {"0": v[str(sizes[0])]} for k, v in btl_acc.items()}
     swap_nc = max(sizes)
-    flip = evaluators["np-dpo"].label_swap_flip_rate(tasks[swap_nc]) if swap_nc > 0 else float("nan")
+    swap = evaluators["np-dpo"].label_swap(tasks[swap_nc]) if swap_nc > 0 else {}
     timings["evaluation_s"] = time.perf_counter() - t
     t = time.perf_counter()
     generation = (
@@ -271,7 +271,8 @@ def run_npdpo_hh(
             "np-dpo": {"accuracy": {k: v for k, v in np_acc.items() if k != "all"}},
             "btl-dpo": {"accuracy": {k: v for k, v in btl_acc.items() if k != "all"}},
         },
-        "label_swap_flip_rate": flip,
+        "label_swap_flip_rate": swap.get("share", float("nan")),
+        "label_swap_flip_rate_stderr": swap.get("stderr", float("nan")),  # clustered by user
         "label_swap_context_size": swap_nc,
         "generation": generation,
         "embedding": study.embedding,

@@ -40,7 +40,7 @@ from steerable.experiments.policy_report import plot_training, print_policy_tabl
 from steerable.experiments.text_common import TextDataConfig, mode_population, prepare_text_study
 from steerable.objectives import prediction_hits
 from steerable.policy.best_of_n import sample_candidates, score_candidates
-from steerable.policy.evaluation import PolicyEvaluator
+from steerable.policy.evaluation import PolicyEvaluator, clustered_share
 from steerable.policy.generation import SteeredPolicy, generate
 from steerable.policy.model import ConditionalPolicy, PolicyConfig, load_base_model
 from steerable.policy.sequences import autocast_context, prefix_cache_for
@@ -398,7 +398,7 @@ def run_npdpo_real(
     # one line per phase: the progress bars stay silent in a log file, and this phase takes minutes
     tables = {"np-dpo": np_eval.accuracy_table(tasks, names)}
     console.print(f"  evaluated np-dpo at N^C {sizes}: {time.perf_counter() - t:.0f} s")
-    flips = {str(n): np_eval.label_swap_flip_rate(tasks[n]) for n in sizes if n > 0}
+    swaps = {str(n): np_eval.label_swap(tasks[n]) for n in sizes if n > 0}
     probe = np_eval.type_probe(tasks)
     console.print(f"  label swap and type probe: {time.perf_counter() - t:.0f} s")
     if "btl-dpo" in policies:
@@ -416,12 +416,16 @@ def run_npdpo_real(
         margins = oracle_eval.margins(tasks[sizes[0]])
         hits = prediction_hits(margins.margin).tolist()
         oracle_winners[name] = dict(zip(margins.pair.tolist(), hits, strict=True))
-    oracle_flips = {}
+    oracle_swaps = {}
     if len(oracle_winners) == 2:
-        oracle_flips = {
-            n: oracle_disagreement(np_eval.margins(tasks[int(n)]).pair, *oracle_winners.values())
-            for n in flips
-        }
+        prompt_id = np_eval.prompt_ids()
+        for n in swaps:
+            m = np_eval.margins(tasks[int(n)])  # kept from the accuracy table: not scored again
+            oracle_swaps[n] = clustered_share(
+                oracle_disagreement(m.pair, *oracle_winners.values()),
+                m.user,
+                None if prompt_id is None else prompt_id[m.pair],
+            )
     timings["evaluation_s"] = time.perf_counter() - t
     console.print(f"  evaluation: {timings['evaluation_s']:.0f} s")
 
@@ -468,10 +472,18 @@ def run_npdpo_real(
             name: {m: {nc: v["num_scored"] for nc, v in row.items()} for m, row in table.items()}
             for name, table in tables.items()
         },
-        "label_swap_flip_rate_by_context": flips,
+        "label_swap_flip_rate_by_context": {n: v["share"] for n, v in swaps.items()},
+        # its standard error clustered by user, and by prompt (the held-out prompts are few)
+        "label_swap_flip_rate_stderr_by_context": {n: v["stderr"] for n, v in swaps.items()},
+        "label_swap_flip_rate_stderr_by_prompt_by_context": {
+            n: v.get("stderr_by_prompt") for n, v in swaps.items()
+        },
         # the same targets' flip rate for a policy that becomes each type's oracle: the two oracles'
         # predicted winners differ (its ceiling: both oracles right, or both wrong)
-        "label_swap_flip_rate_of_oracles_by_context": oracle_flips,
+        "label_swap_flip_rate_of_oracles_by_context": {n: v["share"] for n, v in oracle_swaps.items()},
+        "label_swap_flip_rate_of_oracles_stderr_by_context": {
+            n: v["stderr"] for n, v in oracle_swaps.items()
+        },
         "user_embedding_type_probe": probe,
         "reward_model": reward_accuracy,
         "generation": generation,
@@ -493,13 +505,13 @@ def run_npdpo_real(
     return results
 
 
-def oracle_disagreement(pairs: np.ndarray, winners_a: dict[int, float], winners_b: dict[int, float]) -> float:
-    """Share of ``pairs`` (M,) on which two unconditional policies pick different winners (their
-    prediction hits per pair, a tie ½): what the label swap of a policy that becomes oracle A under A's
-    context and oracle B under B's would flip."""
-    if not len(pairs):
-        return float("nan")
-    return float(np.mean([winners_a[int(p)] != winners_b[int(p)] for p in pairs]))
+def oracle_disagreement(
+    pairs: np.ndarray, winners_a: dict[int, float], winners_b: dict[int, float]
+) -> np.ndarray:
+    """Whether two unconditional policies pick different winners on each of ``pairs`` (M,) (their
+    prediction hits per pair, a tie ½), as floats (M,): what the label swap of a policy that becomes
+    oracle A under A's context and oracle B under B's would flip."""
+    return np.array([winners_a[int(p)] != winners_b[int(p)] for p in pairs], np.float64)
 
 
 def _reward_accuracy(
@@ -799,13 +811,17 @@ def _plots(out: Path, results: dict[str, Any], sizes: list[int]) -> None:
         fontsize=10,
     )
     for key, label, style in (
-        ("label_swap_flip_rate_by_context", "NP-DPO: label swap flip rate", "o-"),
-        ("label_swap_flip_rate_of_oracles_by_context", "the two oracles disagree", "s--"),
+        ("label_swap_flip_rate", "NP-DPO: label swap flip rate", "o-"),
+        ("label_swap_flip_rate_of_oracles", "the two oracles disagree", "s--"),
         ("user_embedding_type_probe", "type read from z (probe)", "^:"),
     ):
-        row = results.get(key) or {}
-        if row:
-            swap_ax.plot([int(k) for k in row], list(row.values()), style, label=label)
+        row = results.get(key) or results.get(f"{key}_by_context") or {}
+        stderr = results.get(f"{key}_stderr_by_context") or {}
+        if row:  # error bars: ± 1 s.e. clustered by user, where known
+            errors = [stderr.get(k) if stderr.get(k) is not None else np.nan for k in row]
+            swap_ax.errorbar(
+                [int(k) for k in row], list(row.values()), yerr=errors, fmt=style, capsize=2, label=label
+            )
     swap_ax.set(xlabel="N^C (context pairs)", ylabel="share", ylim=(0, 1.02), title="label swap, and z")
     swap_ax.legend(fontsize=8)
     fig.tight_layout()
@@ -825,6 +841,11 @@ def _plots(out: Path, results: dict[str, Any], sizes: list[int]) -> None:
     plot_training(out, runs=["np-dpo", "btl-dpo", *(f"oracle-{t}" for t in results["types"])])
 
 
+def _pm(stderr: float | None) -> str:
+    """The text ' ± s' for a known standard error, '' otherwise."""
+    return "" if stderr is None or not np.isfinite(stderr) else f" ± {stderr:.2f}"
+
+
 def _print(results: dict[str, Any], sizes: list[int]) -> None:
     print_policy_table(
         "implicit-reward accuracy, held-out users and prompts", results["models"], results["types"], sizes
@@ -835,13 +856,17 @@ def _print(results: dict[str, Any], sizes: list[int]) -> None:
             f"NP-BTL (best-of-N judge), {name} users: "
             + ", ".join(f"N^C={k}: {v:.3f}" for k, v in row.items() if v is not None)
         )
-    flips = results["label_swap_flip_rate_by_context"]
-    console.print("label swap flip rate: " + ", ".join(f"N^C={k}: {v:.2f}" for k, v in flips.items()))
-    bound = results.get("label_swap_flip_rate_of_oracles_by_context") or {}
-    if bound:
-        console.print(
-            "  the two oracles disagree on: " + ", ".join(f"N^C={k}: {v:.2f}" for k, v in bound.items())
-        )
+    for key, label in (
+        ("label_swap_flip_rate", "label swap flip rate"),
+        ("label_swap_flip_rate_of_oracles", "  the two oracles disagree on"),
+    ):
+        share = results.get(f"{key}_by_context") or {}
+        stderr = results.get(f"{key}_stderr_by_context") or {}
+        if share:
+            console.print(
+                f"{label} (± s.e. by user): "
+                + ", ".join(f"N^C={k}: {v:.2f}{_pm(stderr.get(k))}" for k, v in share.items())
+            )
     probe = results.get("user_embedding_type_probe") or {}
     if probe:
         console.print(

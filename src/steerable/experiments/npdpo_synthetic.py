@@ -210,7 +210,8 @@ def run_npdpo_synthetic(
     np_acc = evaluators["np-dpo"].accuracy_by_mode(tasks, names)
     btl_acc = evaluators["btl-dpo"].accuracy_by_mode({0: tasks[0]}, names)
     swap_nc = max(sizes)
-    flips = {str(n): evaluators["np-dpo"].label_swap_flip_rate(tasks[n]) for n in sizes if n > 0}
+    swaps = {str(n): evaluators["np-dpo"].label_swap(tasks[n]) for n in sizes if n > 0}
+    flips = {n: v["share"] for n, v in swaps.items()}
     flip = flips.get(str(swap_nc), float("nan"))
     agree = PolicyEvaluator(
         policies["np-dpo"], test_tokens, test_vec, config.beta, scored=~test_conflict, autocast=autocast
@@ -233,6 +234,7 @@ def run_npdpo_synthetic(
         "label_swap_flip_rate": flip,
         "label_swap_context_size": swap_nc,
         "label_swap_flip_rate_by_context": flips,
+        "label_swap_flip_rate_stderr_by_context": {n: v["stderr"] for n, v in swaps.items()},  # by user
         "generation": generation,
         "timings": timings,
         "rules": {

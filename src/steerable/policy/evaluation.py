@@ -56,6 +56,24 @@ class TargetMargins:
         return clustered_stderr(hits, np.ones_like(hits), self.user if clusters is None else clusters)
 
 
+def clustered_share(
+    values: np.ndarray, users: np.ndarray, prompts: np.ndarray | None = None
+) -> dict[str, float]:
+    """Mean of per-target values in [0, 1] (M,) (hits, flips) with its standard error clustered by user
+    (M,) and, with ``prompts`` (M,) (−1: a cluster of its own), by prompt:
+    {"share", "stderr", "stderr_by_prompt" (only with prompts), "num_scored"}."""
+    values = np.asarray(values, np.float64)
+    ones = np.ones_like(values)
+    out = {
+        "share": float(values.mean()) if len(values) else float("nan"),
+        "stderr": clustered_stderr(values, ones, users),
+        "num_scored": len(values),
+    }
+    if prompts is not None:
+        out["stderr_by_prompt"] = clustered_stderr(values, ones, prompts)
+    return out
+
+
 class PolicyEvaluator:
     """Scores held-out users' pairs with a policy (see the module docstring)."""
 
@@ -178,6 +196,14 @@ class PolicyEvaluator:
         table = self.accuracy_table(tasks, mode_names)
         return {mode: {nc: v["accuracy"] for nc, v in row.items()} for mode, row in table.items()}
 
+    def prompt_ids(self) -> np.ndarray | None:
+        """Each pair's prompt as an int (P,), −1 for a pair without one; None when the data has no
+        prompts."""
+        if self.embedded.prompts is None:
+            return None
+        names = {p: i for i, p in enumerate(sorted({str(p) for p in self.embedded.prompts if p is not None}))}
+        return np.array([-1 if p is None else names[str(p)] for p in self.embedded.prompts], np.int64)
+
     def accuracy_table(
         self, tasks: dict[int, list[TaskBatch]], mode_names: list[str] | None = None
     ) -> dict[str, dict[str, dict[str, float]]]:
@@ -185,14 +211,7 @@ class PolicyEvaluator:
         "all"); with the pairs' prompts known, also "stderr_by_prompt" (clustered by prompt) and
         "num_prompts": the users of a split answer the same few prompts, so the prompts are a second
         sample whose luck the user-clustered error leaves out."""
-        prompt_id = None
-        if self.embedded.prompts is not None:  # a pair without a prompt is a cluster of its own (-1)
-            names = {
-                p: i for i, p in enumerate(sorted({str(p) for p in self.embedded.prompts if p is not None}))
-            }
-            prompt_id = np.array(
-                [-1 if p is None else names[str(p)] for p in self.embedded.prompts], np.int64
-            )
+        prompt_id = self.prompt_ids()
         result: dict[str, dict[str, dict[str, float]]] = {}
         for nc, batches in tasks.items():
             m = self.margins(batches)
@@ -243,9 +262,14 @@ class PolicyEvaluator:
             )
         return out
 
-    def label_swap_flip_rate(self, batches: list[TaskBatch]) -> float:
-        """Share of scored targets whose predicted winner changes when the context's labels are swapped."""
+    def label_swap(self, batches: list[TaskBatch]) -> dict[str, float]:
+        """Share of scored targets whose predicted winner changes when the context's labels are swapped,
+        with its standard errors (:func:`clustered_share`: by user, and by prompt when known)."""
         plain, swapped = self.margins(batches), self.margins(batches, swap_context=True)
-        if not len(plain.margin):
-            return float("nan")
-        return float(np.mean(prediction_hits(plain.margin) != prediction_hits(swapped.margin)))
+        flips = prediction_hits(plain.margin) != prediction_hits(swapped.margin)  # (M,)
+        prompt_id = self.prompt_ids()
+        return clustered_share(flips, plain.user, None if prompt_id is None else prompt_id[plain.pair])
+
+    def label_swap_flip_rate(self, batches: list[TaskBatch]) -> float:
+        """The share of :meth:`label_swap` alone."""
+        return self.label_swap(batches)["share"]
