@@ -40,7 +40,7 @@ from steerable.experiments.policy_report import plot_training, print_policy_tabl
 from steerable.experiments.text_common import TextDataConfig, mode_population, prepare_text_study
 from steerable.objectives import prediction_hits
 from steerable.policy.best_of_n import sample_candidates, score_candidates
-from steerable.policy.evaluation import PolicyEvaluator, clustered_share
+from steerable.policy.evaluation import PolicyEvaluator
 from steerable.policy.generation import SteeredPolicy, generate
 from steerable.policy.model import ConditionalPolicy, PolicyConfig, load_base_model
 from steerable.policy.sequences import autocast_context, prefix_cache_for
@@ -418,14 +418,9 @@ def run_npdpo_real(
         oracle_winners[name] = dict(zip(margins.pair.tolist(), hits, strict=True))
     oracle_swaps = {}
     if len(oracle_winners) == 2:
-        prompt_id = np_eval.prompt_ids()
         for n in swaps:
             m = np_eval.margins(tasks[int(n)])  # kept from the accuracy table: not scored again
-            oracle_swaps[n] = clustered_share(
-                oracle_disagreement(m.pair, *oracle_winners.values()),
-                m.user,
-                None if prompt_id is None else prompt_id[m.pair],
-            )
+            oracle_swaps[n] = np_eval.share(oracle_disagreement(m.pair, *oracle_winners.values()), m)
     timings["evaluation_s"] = time.perf_counter() - t
     console.print(f"  evaluation: {timings['evaluation_s']:.0f} s")
 
@@ -810,13 +805,23 @@ def _plots(out: Path, results: dict[str, Any], sizes: list[int]) -> None:
         "NP-DPO on SmolLM2-135M, held-out users and prompts" + (" (smoke)" if results["smoke"] else ""),
         fontsize=10,
     )
-    for key, label, style in (
-        ("label_swap_flip_rate", "NP-DPO: label swap flip rate", "o-"),
-        ("label_swap_flip_rate_of_oracles", "the two oracles disagree", "s--"),
-        ("user_embedding_type_probe", "type read from z (probe)", "^:"),
+    for key, stderr_key, label, style in (
+        (
+            "label_swap_flip_rate_by_context",
+            "label_swap_flip_rate_stderr_by_context",
+            "NP-DPO: label swap flip rate",
+            "o-",
+        ),
+        (
+            "label_swap_flip_rate_of_oracles_by_context",
+            "label_swap_flip_rate_of_oracles_stderr_by_context",
+            "the two oracles disagree",
+            "s--",
+        ),
+        ("user_embedding_type_probe", None, "type read from z (probe)", "^:"),
     ):
-        row = results.get(key) or results.get(f"{key}_by_context") or {}
-        stderr = results.get(f"{key}_stderr_by_context") or {}
+        row = results.get(key) or {}
+        stderr = (results.get(stderr_key) if stderr_key else None) or {}
         if row:  # error bars: ± 1 s.e. clustered by user, where known
             errors = [stderr.get(k) if stderr.get(k) is not None else np.nan for k in row]
             swap_ax.errorbar(

@@ -50,11 +50,6 @@ class TargetMargins:
     def accuracy(self) -> float:
         return float(np.mean(prediction_hits(self.margin))) if len(self.margin) else float("nan")
 
-    def stderr(self, clusters: np.ndarray | None = None) -> float:
-        """Standard error of :meth:`accuracy`, clustered by user (or by ``clusters`` (M,), e.g. prompts)."""
-        hits = prediction_hits(self.margin)
-        return clustered_stderr(hits, np.ones_like(hits), self.user if clusters is None else clusters)
-
 
 def clustered_share(
     values: np.ndarray, users: np.ndarray, prompts: np.ndarray | None = None
@@ -94,6 +89,7 @@ class PolicyEvaluator:
         tok = policy.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.store = SequenceStore(policy, tokens, self.pad_id, autocast, prefix_cache, max_pairs_per_forward)
+        self.prompt_id = _prompt_ids(embedded)  # (P,) or None: the second unit of the standard errors
         self._margins: dict[tuple[int, bool], tuple[list[TaskBatch], TargetMargins]] = {}
 
     def tasks(
@@ -196,13 +192,11 @@ class PolicyEvaluator:
         table = self.accuracy_table(tasks, mode_names)
         return {mode: {nc: v["accuracy"] for nc, v in row.items()} for mode, row in table.items()}
 
-    def prompt_ids(self) -> np.ndarray | None:
-        """Each pair's prompt as an int (P,), −1 for a pair without one; None when the data has no
-        prompts."""
-        if self.embedded.prompts is None:
-            return None
-        names = {p: i for i, p in enumerate(sorted({str(p) for p in self.embedded.prompts if p is not None}))}
-        return np.array([-1 if p is None else names[str(p)] for p in self.embedded.prompts], np.int64)
+    def share(self, values: np.ndarray, margins: TargetMargins) -> dict[str, float]:
+        """:func:`clustered_share` of per-target ``values`` (M,) of ``margins``' targets: clustered by
+        their users, and by their prompts when the data has prompts."""
+        prompts = None if self.prompt_id is None else self.prompt_id[margins.pair]
+        return clustered_share(values, margins.user, prompts)
 
     def accuracy_table(
         self, tasks: dict[int, list[TaskBatch]], mode_names: list[str] | None = None
@@ -211,7 +205,6 @@ class PolicyEvaluator:
         "all"); with the pairs' prompts known, also "stderr_by_prompt" (clustered by prompt) and
         "num_prompts": the users of a split answer the same few prompts, so the prompts are a second
         sample whose luck the user-clustered error leaves out."""
-        prompt_id = self.prompt_ids()
         result: dict[str, dict[str, dict[str, float]]] = {}
         for nc, batches in tasks.items():
             m = self.margins(batches)
@@ -221,15 +214,11 @@ class PolicyEvaluator:
                 groups[name] = m.mode == mode
             for name, keep in groups.items():
                 part = m.select(keep)
-                row = {
-                    "accuracy": part.accuracy(),
-                    "stderr": part.stderr(),
-                    "num_scored": len(part.margin),
-                    "num_users": len(np.unique(part.user)),
-                }
-                if prompt_id is not None:
-                    prompts = prompt_id[part.pair]
-                    row["stderr_by_prompt"] = part.stderr(prompts)
+                row = self.share(prediction_hits(part.margin), part)
+                row["accuracy"] = row.pop("share")
+                row["num_users"] = len(np.unique(part.user))
+                if self.prompt_id is not None:
+                    prompts = self.prompt_id[part.pair]
                     row["num_prompts"] = len(np.unique(prompts[prompts >= 0]))
                 result.setdefault(name, {})[str(nc)] = row
         return dict(sorted(result.items(), key=lambda kv: kv[0] != "all"))
@@ -266,10 +255,17 @@ class PolicyEvaluator:
         """Share of scored targets whose predicted winner changes when the context's labels are swapped,
         with its standard errors (:func:`clustered_share`: by user, and by prompt when known)."""
         plain, swapped = self.margins(batches), self.margins(batches, swap_context=True)
-        flips = prediction_hits(plain.margin) != prediction_hits(swapped.margin)  # (M,)
-        prompt_id = self.prompt_ids()
-        return clustered_share(flips, plain.user, None if prompt_id is None else prompt_id[plain.pair])
+        return self.share(prediction_hits(plain.margin) != prediction_hits(swapped.margin), plain)
 
     def label_swap_flip_rate(self, batches: list[TaskBatch]) -> float:
         """The share of :meth:`label_swap` alone."""
         return self.label_swap(batches)["share"]
+
+
+def _prompt_ids(embedded: PreferenceData) -> np.ndarray | None:
+    """Each pair's prompt as an int (P,), −1 for a pair without one (a cluster of its own); None when the
+    data has no prompts."""
+    if embedded.prompts is None:
+        return None
+    names = {p: i for i, p in enumerate(sorted({str(p) for p in embedded.prompts if p is not None}))}
+    return np.array([-1 if p is None else names[str(p)] for p in embedded.prompts], np.int64)
