@@ -16,7 +16,7 @@ pytest.importorskip("peft")
 from steerable.data.schema import PreferenceData  # noqa: E402
 from steerable.errors import ConfigError  # noqa: E402
 from steerable.objectives import btl_log_prob, dpo_loss  # noqa: E402
-from steerable.policy.blocks import find_attention, find_decoder_blocks  # noqa: E402
+from steerable.policy.blocks import find_attention, find_decoder_blocks, find_mlp  # noqa: E402
 from steerable.policy.evaluation import PolicyEvaluator  # noqa: E402
 from steerable.policy.generation import generate, interpolate  # noqa: E402
 from steerable.policy.model import ConditionalPolicy, PolicyConfig, select_blocks  # noqa: E402
@@ -172,6 +172,48 @@ def test_lora_gates_start_as_the_identity_and_give_each_user_its_own_adapters():
     assert torch.allclose(log_probs(fresh), log_probs(policy), atol=1e-6)
     with pytest.raises(ConfigError, match="lora_gates"):
         PolicyConfig(lora_gates=True, lora_r=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_film_on_the_mlp_outputs_starts_as_the_identity_and_modulates_each_row_by_its_user(family):
+    """film_mlp: a second hypernetwork of z FiLM-modulates each modulated block's MLP output; fresh it
+    changes nothing, trained it changes each row by its own user, the reference ignores it, and it is
+    saved and loaded with the rest of the trained weights."""
+    torch.manual_seed(3)
+    base = _tiny_models()[family].eval()
+    ids = torch.randint(0, 64, (4, 7))
+    expected = _sequence_log_probs(base, ids).sum(1)
+    base_weights = {k: v.clone() for k, v in base.state_dict().items()}
+    policy = _policy(base, film_mlp=True, blocks="last:2").eval()
+    blocks = find_decoder_blocks(policy.causal_lm)
+    assert policy.mlp_hooks.modules == [find_mlp(blocks[i]) for i in (1, 2)]
+    att, mask = torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool)
+    ctx = (torch.randn(2, 3, 6), torch.randn(2, 3, 6), torch.ones(2, 3, dtype=torch.bool))
+    row_user = torch.tensor([0, 1, 1, 0])
+
+    def log_probs(model, mlp_on=True):
+        with torch.no_grad(), nullcontext() if mlp_on else model.mlp_hooks.disabled():
+            return model(ids, att, mask, ctx, row_user)[0]
+
+    assert torch.allclose(log_probs(policy), expected, atol=1e-5)  # fresh: the identity
+    torch.nn.init.normal_(policy.mlp_hypernetwork.net[-1].weight, std=0.5)
+    assert (log_probs(policy) - log_probs(policy, mlp_on=False)).abs().max() > 1e-2
+    assert torch.allclose(log_probs(policy, mlp_on=False), expected, atol=1e-5)  # attention FiLM fresh
+    for u in (0, 1):
+        rows = (row_user == u).nonzero().flatten()
+        with torch.no_grad():
+            alone, _ = policy(ids[rows], att[rows], mask[rows], tuple(c[u : u + 1] for c in ctx))
+        assert torch.allclose(log_probs(policy)[rows], alone, atol=1e-5)
+    assert torch.allclose(policy.reference_log_probs(ids, att, mask), expected, atol=1e-5)
+    assert any(k.startswith("mlp_hypernetwork.") for k in policy.trainable_state_dict())
+    same_base = type(base)(base.config).eval()
+    same_base.load_state_dict(base_weights)
+    fresh = _policy(same_base, film_mlp=True, blocks="last:2").eval()
+    with torch.no_grad():
+        fresh.load_trainable_state_dict(policy.trainable_state_dict())
+    assert torch.allclose(log_probs(fresh), log_probs(policy), atol=1e-6)
+    with pytest.raises(ConfigError, match="film_mlp"):
+        PolicyConfig(conditional=False, film_mlp=True)
 
 
 def test_block_selection_and_attention_lookup():

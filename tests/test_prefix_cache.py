@@ -63,7 +63,9 @@ def _perturb(policy):
     with torch.random.fork_rng():
         torch.manual_seed(1)
         for name, p in policy.named_parameters():
-            if "lora_B" in name or name.startswith(("hypernetwork.net.2", "gate_network.net.2")):
+            if "lora_B" in name or name.startswith(
+                ("hypernetwork.net.2", "gate_network.net.2", "mlp_hypernetwork.net.2")
+            ):
                 torch.nn.init.normal_(p, std=0.3)
 
 
@@ -79,10 +81,11 @@ def test_lora_and_film_follow_the_blocks(tiny):
     assert _policy(folder, blocks="all").prefix_blocks == 0
 
 
-@pytest.mark.parametrize("lora_gates", [False, True])
-def test_log_probs_from_the_cached_prefix_equal_the_full_forward(tiny, tmp_path, lora_gates):
+@pytest.mark.parametrize("modulation", ["film", "lora_gates", "film_mlp"])
+def test_log_probs_from_the_cached_prefix_equal_the_full_forward(tiny, tmp_path, modulation):
     folder, data, _vectors = tiny
-    policy = _policy(folder, lora_gates=lora_gates).eval()
+    extra = {} if modulation == "film" else {modulation: True}
+    policy = _policy(folder, **extra).eval()
     _perturb(policy)
     tokens = PolicyTokenizer(policy.tokenizer, 48, 24).pairs(data)
     cache = prefix_cache_for(policy, "no", tmp_path)

@@ -91,6 +91,9 @@ class NPDPORealConfig(TextDataConfig):
         "NP-DPO's z also modulates each LoRA adapter's rank bottleneck (conditional adapters; without them "
         "the policy acts on z through FiLM on attention outputs only)",
     )
+    film_mlp: bool = option(
+        False, "NP-DPO's FiLM also modulates the MLP outputs of its blocks (beyond the paper; see the README)"
+    )
     steps: int = option(300, "training steps of BTL-DPO and the oracles (and NP-DPO's without np_dpo_steps)")
     np_dpo_steps: int | None = option(
         None,
@@ -557,6 +560,7 @@ def _train(
         lora_r=config.lora_r,
         lora_alpha=max(1, 2 * config.lora_r),
         lora_gates=config.lora_gates and conditional,
+        film_mlp=config.film_mlp and conditional,
         blocks=config.blocks,
         input_dim=vectors.dim if conditional else 0,
         # the NP-BTL's encoder (attention, its width, z of 256), so that it can start from it

@@ -6,7 +6,8 @@ No model family's attribute names are hard-coded as the only way: the blocks are
 Qwen2, Gemma, Mistral, Phi), ``transformer.h`` (GPT-2, GPT-J, Falcon, BLOOM) and ``gpt_neox.layers``
 alike, also under a peft wrapper. A block's attention is its direct child named like an attention
 module (``self_attn``, ``attn``, ``attention``, ``self_attention``, …); ``attention_name`` overrides
-the guess for unusual architectures.
+the guess for unusual architectures. Its MLP (feed-forward) child is found the same way (``mlp``,
+``feed_forward``, ``ffn``; ``mlp_name`` overrides).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from steerable.errors import ConfigError
 
 ATTENTION_NAME = re.compile(r"(^|_)(self_?)?att(n|ention)$", re.IGNORECASE)
+MLP_NAME = re.compile(r"(^|_)(mlp|ffn|feed_?forward)$", re.IGNORECASE)
 
 
 def _layer_count(model: nn.Module) -> int | None:
@@ -62,17 +64,26 @@ def block_list_name(model: nn.Module) -> str:
 
 def find_attention(block: nn.Module, attention_name: str | None = None) -> nn.Module:
     """The self-attention module of one decoder block (see the module docstring)."""
+    return _find_child(block, ATTENTION_NAME, "attention", attention_name)
+
+
+def find_mlp(block: nn.Module, mlp_name: str | None = None) -> nn.Module:
+    """The MLP (feed-forward) module of one decoder block (see the module docstring)."""
+    return _find_child(block, MLP_NAME, "mlp", mlp_name)
+
+
+def _find_child(block: nn.Module, pattern: re.Pattern, kind: str, name: str | None) -> nn.Module:
     children = dict(block.named_children())
-    if attention_name is not None:
-        if attention_name not in children:
+    if name is not None:
+        if name not in children:
             raise ConfigError(
-                f"{type(block).__name__} has no child {attention_name!r} (children: {', '.join(children)})"
+                f"{type(block).__name__} has no child {name!r} (children: {', '.join(children)})"
             )
-        return children[attention_name]
-    matches = [name for name in children if ATTENTION_NAME.search(name) and "cross" not in name.lower()]
+        return children[name]
+    matches = [n for n in children if pattern.search(n) and "cross" not in n.lower()]
     if len(matches) != 1:
         raise ConfigError(
-            f"cannot tell the attention module of {type(block).__name__} (children: {', '.join(children)}); "
-            "name it with attention_name"
+            f"cannot tell the {kind} module of {type(block).__name__} (children: {', '.join(children)}); "
+            f"name it with {kind}_name"
         )
     return children[matches[0]]

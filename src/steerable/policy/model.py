@@ -6,8 +6,9 @@ the chosen and rejected options (the same encoder as NP-BTL). γ, β = hypernetw
 block. With ``lora_gates`` (beyond the paper) z also FiLM-modulates every LoRA adapter's r-wide bottleneck,
 h = A x -> γ'(z) ⊙ h + β'(z) before B: the adapters become a z-dependent mix of rank-1 updates, so users
 of different kinds can get different weight updates, not only different attention outputs (identity when
-fresh, like FiLM). With ``conditional=False`` there is no encoder and no FiLM: the same class is the
-BTL-DPO baseline (plain LoRA-DPO).
+fresh, like FiLM). With ``film_mlp`` (beyond the paper) FiLM also modulates each modulated block's MLP
+output, by a hypernetwork of its own. With ``conditional=False`` there is no encoder and no FiLM: the same
+class is the BTL-DPO baseline (plain LoRA-DPO).
 
 The reference policy π_ref is this very model with the adapters disabled, FiLM off and dropout off
 (:meth:`ConditionalPolicy.reference_log_probs`): one copy of the base weights in memory.
@@ -38,7 +39,13 @@ from torch import Tensor, nn
 
 from steerable.errors import ConfigError, SteerableError
 from steerable.models.encoders import SetEncoder
-from steerable.policy.blocks import block_list_name, block_list_owner, find_attention, find_decoder_blocks
+from steerable.policy.blocks import (
+    block_list_name,
+    block_list_owner,
+    find_attention,
+    find_decoder_blocks,
+    find_mlp,
+)
 from steerable.policy.film import FiLMHooks, FiLMHypernetwork
 from steerable.utils.config import option
 
@@ -67,6 +74,10 @@ class PolicyConfig:
         "last:K training runs only the last K blocks from cached hidden states (on a CPU: try last:4)",
     )
     attention_name: str | None = option(None, "attention child of a block (default: found by name)")
+    film_mlp: bool = option(
+        False, "FiLM also on each modulated block's MLP output (beyond the paper: attention outputs only)"
+    )
+    mlp_name: str | None = option(None, "MLP child of a block, for film_mlp (default: found by name)")
     latent_dim: int = option(128, "user embedding z width")
     encoder: str = option(
         "mean", "context encoder: mean (DeepSet) or attention", choices=["mean", "attention"]
@@ -90,6 +101,8 @@ class PolicyConfig:
             raise ConfigError("latent_dim, encoder_hidden and hyper_hidden must be >= 1")
         if self.lora_gates and (not self.conditional or self.lora_r < 1):
             raise ConfigError("lora_gates needs a conditional policy with LoRA (lora_r >= 1)")
+        if self.film_mlp and not self.conditional:
+            raise ConfigError("film_mlp needs a conditional policy (FiLM is modulated by z)")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -219,6 +232,7 @@ class ConditionalPolicy(nn.Module):
         self.lm = base
         self.hooks: FiLMHooks | None = None
         self.gate_hooks: FiLMHooks | None = None
+        self.mlp_hooks: FiLMHooks | None = None
         if config.conditional:
             if config.input_dim < 1:
                 raise ConfigError("a conditional policy needs input_dim (the context embeddings' width)")
@@ -240,6 +254,11 @@ class ConditionalPolicy(nn.Module):
                     config.latent_dim, len(bottlenecks), config.lora_r, config.hyper_hidden
                 )
                 self.gate_hooks = FiLMHooks(bottlenecks)
+            if config.film_mlp:
+                self.mlp_hypernetwork = FiLMHypernetwork(
+                    config.latent_dim, len(self.block_index), width, config.hyper_hidden
+                )
+                self.mlp_hooks = FiLMHooks([find_mlp(blocks[i], config.mlp_name) for i in self.block_index])
 
     # ---- context -> FiLM ---------------------------------------------------------------------------
     @property
@@ -313,10 +332,13 @@ class ConditionalPolicy(nn.Module):
             hooks.set(gamma, beta)
 
     def _modulations(self) -> list[tuple[FiLMHooks, FiLMHypernetwork]]:
-        """(hooks, the hypernetwork that sets them): FiLM, then the LoRA gates when there are any."""
+        """(hooks, the hypernetwork that sets them): FiLM, then the LoRA gates and FiLM on the MLPs when
+        there are any."""
         out = [] if self.hooks is None else [(self.hooks, self.hypernetwork)]
         if self.gate_hooks is not None:
             out.append((self.gate_hooks, self.gate_network))
+        if self.mlp_hooks is not None:
+            out.append((self.mlp_hooks, self.mlp_hypernetwork))
         return out
 
     # ---- log-probabilities -------------------------------------------------------------------------
@@ -477,7 +499,11 @@ class ConditionalPolicy(nn.Module):
 
     def _trained_modules(self) -> list[tuple[str, nn.Module]]:
         modules = [("encoder", self.encoder), ("hypernetwork", self.hypernetwork)]
-        return modules + ([("gates", self.gate_network)] if self.gate_hooks is not None else [])
+        if self.gate_hooks is not None:
+            modules.append(("gates", self.gate_network))
+        if self.mlp_hooks is not None:
+            modules.append(("mlp_hypernetwork", self.mlp_hypernetwork))
+        return modules
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
