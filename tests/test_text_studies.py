@@ -266,3 +266,36 @@ def test_text_file_through_embed_train_and_evaluate(tmp_path, tiny_encoder):
         == 0
     )
     assert set(json.loads((tmp_path / "e.json").read_text())["accuracy"]) == {"0", "2"}
+
+
+def test_prompt_split_sets_the_shares_of_prompts_per_split(tmp_path, tiny_encoder):
+    """--prompt-split: the text studies split the prompts in the given shares, disjointly; a bad split is a
+    clear configuration error."""
+    from steerable.errors import ConfigError
+    from steerable.experiments.text_common import TextDataConfig, prepare_text_study
+
+    def prompts_per_split(split):
+        config = TextDataConfig(
+            max_prompts=30,
+            embedder=tiny_encoder,
+            max_length=64,
+            cache_dir=str(tmp_path / "cache"),
+            prompt_split=split,
+        )
+        study = prepare_text_study(config, ["hedging", "structure"], 2, seed=0)
+        for name, pool in study.pools.items():  # each pool's pairs come from its own split's prompts
+            assert set(study.table.prompt_of[pool.a].tolist()) <= set(study.prompt_ids[name].tolist())
+        return {name: set(ids.tolist()) for name, ids in study.prompt_ids.items()}
+
+    default = prompts_per_split([0.8, 0.1, 0.1])
+    wider = prompts_per_split([0.5, 0.1, 0.4])
+    assert [len(default[k]) for k in ("train", "val", "test")] == [24, 3, 3]
+    assert [len(wider[k]) for k in ("train", "val", "test")] == [15, 3, 12]
+    assert not (
+        wider["train"] & wider["test"] or wider["train"] & wider["val"] or wider["val"] & wider["test"]
+    )
+    assert len(wider["train"] | wider["val"] | wider["test"]) == 30
+    with pytest.raises(ConfigError, match="sum to 1"):
+        prompts_per_split([0.5, 0.1, 0.1])
+    with pytest.raises(ConfigError, match="three shares"):
+        prompts_per_split([0.9, 0.1])

@@ -489,6 +489,7 @@ def run_npdpo_real(
         "data": {
             "table": study.table.source,
             "pairs": {split: len(pool) for split, pool in study.pools.items()},
+            "prompts": {split: len(ids) for split, ids in study.prompt_ids.items()},
             "train_pairs": int(train_vec.num_pairs),
             "test_pairs": int(test_vec.num_pairs),
             "sequences_cut": int(train_tokens.truncated),

@@ -12,7 +12,7 @@ import numpy as np
 
 from steerable.data.schema import PreferenceData
 from steerable.data.simulate import Population
-from steerable.errors import DataError
+from steerable.errors import ConfigError, DataError
 from steerable.experiments.common import child_seeds, console
 from steerable.text.embedder import Embedder, EmbedderConfig
 from steerable.text.just_eval import load_just_eval
@@ -35,6 +35,10 @@ class TextDataConfig:
         "just-eval (the shipped slice), a just-eval folder, an UltraFeedback file or folder, or a hub name",
     )
     max_prompts: int | None = option(None, "use at most this many prompts (stratified for just-eval)")
+    prompt_split: list[float] = option(
+        [0.8, 0.1, 0.1],
+        "shares of the prompts for training, validation and test users (split by prompt; they sum to 1)",
+    )
     embedder: str = option(
         "all-MiniLM-L6-v2", "embedding model: folder, hub name, all-MiniLM-L6-v2 or SmolLM2-135M-Instruct"
     )
@@ -84,6 +88,7 @@ class TextStudyData:
     embeddings: np.ndarray  # (R, D)
     pools: dict[str, PairPool]  # train / val / test
     embedding: dict[str, Any]  # what the embedding step did (for results.json)
+    prompt_ids: dict[str, np.ndarray]  # train / val / test: the prompts of each split (disjoint)
 
 
 def prepare_text_study(
@@ -107,7 +112,10 @@ def prepare_text_study(
         f"  data: {table.source} ({kind}): {table.num_prompts} prompts, {len(table.responses)} responses; "
         f"attributes {aspects}"
     )
-    splits = dict(zip(("train", "val", "test"), table.split_prompts((0.8, 0.1, 0.1), seed=seed), strict=True))
+    if len(config.prompt_split) != 3:
+        raise ConfigError(f"prompt_split: three shares (train, val, test), got {config.prompt_split}")
+    parts = table.split_prompts(tuple(config.prompt_split), seed=seed)
+    splits = dict(zip(("train", "val", "test"), parts, strict=True))
     pools = {name: PairPool.build(table, ids, aspects) for name, ids in splits.items()}
     console.print(
         "  pairs (untied on the attributes): " + ", ".join(f"{k} {len(v)}" for k, v in pools.items())
@@ -137,7 +145,7 @@ def prepare_text_study(
         "seconds": time.perf_counter() - start,
         "dim": int(embeddings.shape[1]),
     }
-    return TextStudyData(table, kind, aspects, embeddings, pools, embedding)
+    return TextStudyData(table, kind, aspects, embeddings, pools, embedding, splits)
 
 
 def mode_population(num_modes: int, only: int | None = None) -> Population:
