@@ -114,20 +114,35 @@ def test_one_copy_of_the_base_weights():
     assert {p.data_ptr() for p in base_like} == storages
 
 
+ROW_USER = torch.tensor([0, 1, 1, 0])  # a batch of 4 rows from 2 users
+
+
+def _two_users_log_probs(model, ids, ctx, switched_off=None):
+    """Summed log-probs (4,) of ``ids`` (4, T), row r modulated by user ``ROW_USER[r]``'s context (``ctx``
+    for 2 users); ``switched_off``: a modulation's hooks disabled for the call."""
+    att, mask = torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad(), nullcontext() if switched_off is None else switched_off.disabled():
+        return model(ids, att, mask, ctx, ROW_USER)[0]
+
+
+def _assert_each_row_follows_its_user(model, ids, ctx):
+    """The batch of two users gives each row what that user's rows alone give."""
+    together = _two_users_log_probs(model, ids, ctx)
+    att, mask = torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool)
+    for u in (0, 1):
+        rows = ROW_USER.eq(u).nonzero().flatten()
+        with torch.no_grad():
+            alone, _ = model(ids[rows], att[rows], mask[rows], tuple(c[u : u + 1] for c in ctx))
+        assert torch.allclose(together[rows], alone, atol=1e-5)
+
+
 def test_each_row_is_modulated_by_its_own_user():
     torch.manual_seed(1)
     policy = _policy(_tiny_models()["llama"]).eval()
     torch.nn.init.normal_(policy.hypernetwork.net[-1].weight, std=0.5)
     ids = torch.randint(0, 64, (4, 7))
-    att, mask = torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool)
     ctx = (torch.randn(2, 3, 6), torch.randn(2, 3, 6), torch.ones(2, 3, dtype=torch.bool))
-    row_user = torch.tensor([0, 1, 1, 0])
-    with torch.no_grad():
-        together, _ = policy(ids, att, mask, ctx, row_user)
-        for u in (0, 1):
-            rows = (row_user == u).nonzero().flatten()
-            alone, _ = policy(ids[rows], att[rows], mask[rows], tuple(c[u : u + 1] for c in ctx))
-            assert torch.allclose(together[rows], alone, atol=1e-5)
+    _assert_each_row_follows_its_user(policy, ids, ctx)
 
 
 def test_lora_gates_start_as_the_identity_and_give_each_user_its_own_adapters():
@@ -145,23 +160,16 @@ def test_lora_gates_start_as_the_identity_and_give_each_user_its_own_adapters():
     for name, p in policy.lm.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)
-    att, mask = torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool)
     ctx = (torch.randn(2, 3, 6), torch.randn(2, 3, 6), torch.ones(2, 3, dtype=torch.bool))
-    row_user = torch.tensor([0, 1, 1, 0])
 
     def log_probs(model, gates_on=True):
-        with torch.no_grad(), nullcontext() if gates_on else model.gate_hooks.disabled():
-            return model(ids, att, mask, ctx, row_user)[0]
+        return _two_users_log_probs(model, ids, ctx, None if gates_on else model.gate_hooks)
 
     assert torch.allclose(log_probs(policy), log_probs(policy, gates_on=False), atol=1e-6)
     torch.nn.init.normal_(policy.gate_network.net[-1].weight, std=0.5)
     assert (log_probs(policy) - log_probs(policy, gates_on=False)).abs().max() > 1e-2
-    for u in (0, 1):  # each row by its own user's gates
-        rows = (row_user == u).nonzero().flatten()
-        with torch.no_grad():
-            alone, _ = policy(ids[rows], att[rows], mask[rows], tuple(c[u : u + 1] for c in ctx))
-        assert torch.allclose(log_probs(policy)[rows], alone, atol=1e-5)
-    reference = policy.reference_log_probs(ids, att, mask)
+    _assert_each_row_follows_its_user(policy, ids, ctx)  # each row by its own user's gates
+    reference = policy.reference_log_probs(ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool))
     assert torch.allclose(reference, expected, atol=1e-5)
     assert any(k.startswith("gates.") for k in policy.trainable_state_dict())
     same_base = _tiny_models()["llama"].eval()
@@ -187,24 +195,18 @@ def test_film_on_the_mlp_outputs_starts_as_the_identity_and_modulates_each_row_b
     policy = _policy(base, film_mlp=True, blocks="last:2").eval()
     blocks = find_decoder_blocks(policy.causal_lm)
     assert policy.mlp_hooks.modules == [find_mlp(blocks[i]) for i in (1, 2)]
-    att, mask = torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool)
     ctx = (torch.randn(2, 3, 6), torch.randn(2, 3, 6), torch.ones(2, 3, dtype=torch.bool))
-    row_user = torch.tensor([0, 1, 1, 0])
 
     def log_probs(model, mlp_on=True):
-        with torch.no_grad(), nullcontext() if mlp_on else model.mlp_hooks.disabled():
-            return model(ids, att, mask, ctx, row_user)[0]
+        return _two_users_log_probs(model, ids, ctx, None if mlp_on else model.mlp_hooks)
 
     assert torch.allclose(log_probs(policy), expected, atol=1e-5)  # fresh: the identity
     torch.nn.init.normal_(policy.mlp_hypernetwork.net[-1].weight, std=0.5)
     assert (log_probs(policy) - log_probs(policy, mlp_on=False)).abs().max() > 1e-2
     assert torch.allclose(log_probs(policy, mlp_on=False), expected, atol=1e-5)  # attention FiLM fresh
-    for u in (0, 1):
-        rows = (row_user == u).nonzero().flatten()
-        with torch.no_grad():
-            alone, _ = policy(ids[rows], att[rows], mask[rows], tuple(c[u : u + 1] for c in ctx))
-        assert torch.allclose(log_probs(policy)[rows], alone, atol=1e-5)
-    assert torch.allclose(policy.reference_log_probs(ids, att, mask), expected, atol=1e-5)
+    _assert_each_row_follows_its_user(policy, ids, ctx)
+    reference = policy.reference_log_probs(ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool))
+    assert torch.allclose(reference, expected, atol=1e-5)
     assert any(k.startswith("mlp_hypernetwork.") for k in policy.trainable_state_dict())
     same_base = type(base)(base.config).eval()
     same_base.load_state_dict(base_weights)
