@@ -101,7 +101,8 @@ def test_train_policy_keeps_the_best_step_on_validation_users(policy_world, tiny
 
 def test_train_evaluate_generate(policy_world, tiny_encoder, tmp_path, capsys):
     out = tmp_path / "np"
-    assert main(_train_args(policy_world, tiny_encoder, out)) == 0
+    bf16 = ("--mixed-precision", "bf16")  # on a CPU too; evaluate-policy reads it back
+    assert main(_train_args(policy_world, tiny_encoder, out, *bf16)) == 0
     for name in (
         "policy.safetensors",
         "policy_config.json",
@@ -112,12 +113,12 @@ def test_train_evaluate_generate(policy_world, tiny_encoder, tmp_path, capsys):
         assert (out / name).exists(), name
     capsys.readouterr()
     # a finished run is not retrained: same command, nothing new
-    assert main(_train_args(policy_world, tiny_encoder, out)) == 0
+    assert main(_train_args(policy_world, tiny_encoder, out, *bf16)) == 0
     assert "3 steps (" in capsys.readouterr().out
     # changed settings are refused without --overwrite; a longer run resumes
-    assert main(_train_args(policy_world, tiny_encoder, out, "--beta", "0.2")) == 2
+    assert main(_train_args(policy_world, tiny_encoder, out, *bf16, "--beta", "0.2")) == 2
     assert "train.beta" in capsys.readouterr().err
-    assert main(_train_args(policy_world, tiny_encoder, out, "--max-steps", "4")) == 0
+    assert main(_train_args(policy_world, tiny_encoder, out, *bf16, "--max-steps", "4")) == 0
     assert "4 steps (" in capsys.readouterr().out
 
     report = tmp_path / "eval.json"
@@ -130,6 +131,10 @@ def test_train_evaluate_generate(policy_world, tiny_encoder, tmp_path, capsys):
     assert 0.0 <= result["label_swap_flip_rate"] <= 1.0
     assert result["label_swap_flip_rate_stderr"] >= 0.0  # clustered by user (4 tasks, several users)
     assert set(result["accuracy_by_mode"]) <= {"0", "1"}
+    # by default in the precision the policy was trained in, like the trainer's own evaluation
+    assert result["mixed_precision"] == "bf16"
+    assert main([*args, "--mixed-precision", "no"]) == 0
+    assert json.loads(report.read_text())["mixed_precision"] == "no"
 
     capsys.readouterr()
     args = ["generate", "--model", str(out), "--context", str(policy_world / "test.jsonl"), "--user", "u100"]

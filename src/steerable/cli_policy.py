@@ -55,9 +55,10 @@ def add_evaluate_policy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu or cuda")
     p.add_argument(
         "--mixed-precision",
-        default="no",
-        choices=["no", "bf16", "fp16"],
-        help="autocast of the policy and its reference alike (default: no)",
+        default="trained",
+        choices=["trained", "no", "bf16", "fp16"],
+        help="autocast of the policy and its reference alike (default: trained, the precision the policy "
+        "was trained in, from its train_config.json; fp16 falls back to no on a CPU)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -213,7 +214,7 @@ def _run_evaluate_policy(args: argparse.Namespace) -> int:
     from steerable.policy.sequences import autocast_context
     from steerable.policy.tokens import PolicyTokenizer
     from steerable.text.embedder import embed_preferences
-    from steerable.utils.distributed import process_state, resolve_precision
+    from steerable.utils.distributed import process_state
     from steerable.utils.files import write_json_atomic
 
     sizes = sorted({int(x) for x in args.context_sizes.split(",")})
@@ -234,7 +235,7 @@ def _run_evaluate_policy(args: argparse.Namespace) -> int:
     tok = PolicyTokenizer(
         steered.policy.tokenizer, max_length, prompt_length, config.max_response_length or None
     )
-    precision = resolve_precision(args.mixed_precision, device)
+    precision = _evaluation_precision(args.mixed_precision, args.model_dir, device)
     autocast = autocast_context(device, precision)
     evaluator = PolicyEvaluator(steered.policy, tok.pairs(data), vectors, args.beta, autocast=autocast)
     tasks = evaluator.tasks(sizes, args.tasks, args.targets, args.seed)
@@ -255,6 +256,30 @@ def _run_evaluate_policy(args: argparse.Namespace) -> int:
     if args.json:
         write_json_atomic(args.json, result)
     return 0
+
+
+def _evaluation_precision(choice: str, model_dir: Path, device) -> str:
+    """``choice`` (trained | no | bf16 | fp16) resolved on ``device``: ``trained`` reads the precision the
+    policy was trained in from its ``train_config.json`` (``no`` when there is none); a trained fp16 falls
+    back to full precision on a CPU, where autocast has no fp16."""
+    from steerable.utils.distributed import resolve_precision
+
+    if choice != "trained":
+        return resolve_precision(choice, device)
+    path = model_dir / "train_config.json"
+    if not path.exists():
+        return "no"
+    try:
+        trained = json.loads(path.read_text(encoding="utf-8")).get("mixed_precision", "no")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise DataError(f"not a training record ({err})", source=str(path), field="mixed_precision") from None
+    if trained == "fp16" and device.type == "cpu":
+        print(
+            "the policy was trained under fp16 autocast, which a CPU lacks: evaluating in full precision",
+            file=sys.stderr,
+        )
+        return "no"
+    return resolve_precision(trained, device)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
