@@ -4,6 +4,7 @@ the two NP-DPO studies' schemas, and clear errors — on a tiny LM and a tiny em
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -103,6 +104,7 @@ def test_train_evaluate_generate(policy_world, tiny_encoder, tmp_path, capsys):
     out = tmp_path / "np"
     bf16 = ("--mixed-precision", "bf16")  # on a CPU too; evaluate-policy reads it back
     assert main(_train_args(policy_world, tiny_encoder, out, *bf16)) == 0
+    first = capsys.readouterr().out
     for name in (
         "policy.safetensors",
         "policy_config.json",
@@ -111,10 +113,16 @@ def test_train_evaluate_generate(policy_world, tiny_encoder, tmp_path, capsys):
         "train_config.json",
     ):
         assert (out / name).exists(), name
-    capsys.readouterr()
-    # a finished run is not retrained: same command, nothing new
+    # a finished run is not retrained: same command, nothing new, and the same summary of its last
+    # logged steps (steps 1-3, the one metrics.csv row) as the run that trained it
     assert main(_train_args(policy_world, tiny_encoder, out, *bf16)) == 0
-    assert "3 steps (" in capsys.readouterr().out
+    again = capsys.readouterr().out
+    assert "3 steps (" in again
+
+    def summary_of(output: str) -> str:
+        return re.search(r"steps 1–3: acc .*? \(nats\)", output).group(0)
+
+    assert summary_of(again) == summary_of(first)
     # changed settings are refused without --overwrite; a longer run resumes
     assert main(_train_args(policy_world, tiny_encoder, out, *bf16, "--beta", "0.2")) == 2
     assert "train.beta" in capsys.readouterr().err

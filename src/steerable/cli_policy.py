@@ -116,7 +116,7 @@ def _run_train_policy(args: argparse.Namespace) -> int:
     from steerable.data.schema import PreferenceData
     from steerable.policy.model import ConditionalPolicy, PolicyConfig, load_base_model
     from steerable.policy.tokens import PolicyTokenizer
-    from steerable.policy.trainer import PolicyTrainConfig, train_policy
+    from steerable.policy.trainer import PolicyTrainConfig, describe_final, train_policy
     from steerable.text.embedder import Embedder, EmbedderConfig, embed_preferences, save_embedder_config
 
     data = _text_data(args.data)
@@ -190,7 +190,6 @@ def _run_train_policy(args: argparse.Namespace) -> int:
         return 0
     if embedder is not None:
         save_embedder_config(embedder.config, args.out)
-    final = summary["final"]
     selection = summary["selection"]
     if selection and selection["best_step"] is not None:
         print(
@@ -198,9 +197,8 @@ def _run_train_policy(args: argparse.Namespace) -> int:
             f"(last step {selection['history'][-1]['accuracy']:.3f})"
         )
     print(
-        f"{summary['steps']} steps ({summary['seconds']:.0f} s this run); last step: rewards/accuracies "
-        f"{final.get('rewards/accuracies', float('nan')):.2f}, log-ratio chosen "
-        f"{final.get('logratio/chosen', float('nan')):+.2f} nats; policy saved in {args.out}"
+        f"{summary['steps']} steps ({summary['seconds']:.0f} s this run); {describe_final(summary)} (nats); "
+        f"policy saved in {args.out}"
     )
     return 0
 

@@ -39,7 +39,7 @@ from steerable.policy.evaluation import PolicyEvaluator
 from steerable.policy.generation import SteeredPolicy, generate
 from steerable.policy.model import ConditionalPolicy, PolicyConfig, load_base_model
 from steerable.policy.tokens import PolicyTokenizer
-from steerable.policy.trainer import PolicyTrainConfig, train_policy
+from steerable.policy.trainer import PolicyTrainConfig, describe_final, train_policy
 from steerable.text.embedder import EmbedderConfig, save_embedder_config
 from steerable.text.just_eval import response_attributes
 from steerable.text.responses import simulate_pool_users
@@ -229,12 +229,9 @@ def run_npdpo_hh(
                 out / name,
             )
         timings[f"{name}_train_s"] = time.perf_counter() - t
-        final = summary["final"]
         console.print(
             f"  trained [bold]{name}[/bold]: {summary['steps']} steps, {summary['seconds']:.0f} s; "
-            "last step: "
-            f"acc {final.get('rewards/accuracies', float('nan')):.2f}, log-ratio chosen "
-            f"{final.get('logratio/chosen', float('nan')):+.2f}"
+            f"{describe_final(summary)}"
         )
         policies[name] = policy
 

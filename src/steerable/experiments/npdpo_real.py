@@ -45,7 +45,7 @@ from steerable.policy.generation import SteeredPolicy, generate
 from steerable.policy.model import ConditionalPolicy, PolicyConfig, load_base_model
 from steerable.policy.sequences import autocast_context, prefix_cache_for
 from steerable.policy.tokens import PolicyTokenizer, TokenizedPairs, collate
-from steerable.policy.trainer import PolicyTrainConfig, train_policy
+from steerable.policy.trainer import PolicyTrainConfig, describe_final, train_policy
 from steerable.text.embedder import Embedder, EmbedderConfig, save_embedder_config
 from steerable.text.just_eval import ATTRIBUTES, response_attributes
 from steerable.text.responses import ResponseTable, simulate_pool_users
@@ -607,7 +607,6 @@ def _train(
         label=name,
         validation=validation,
     )
-    final = summary["final"]
     total, resumed = summary["total_seconds"], summary["resumed_from"]
     took = (
         "time not recorded"
@@ -623,16 +622,15 @@ def _train(
         )
     console.print(
         f"  trained [bold]{name}[/bold] on {len(rows)} pairs: {summary['steps']} steps ({took}); "
-        f"last step: acc {final.get('rewards/accuracies', float('nan')):.2f}, log-ratio chosen "
-        f"{final.get('logratio/chosen', float('nan')):+.2f} / rejected "
-        f"{final.get('logratio/rejected', float('nan')):+.2f}"
+        f"{describe_final(summary)}"
     )
     return policy.eval(), {
         "pairs": len(rows),
         "steps": summary["steps"],
         "seconds": summary["total_seconds"],  # training, over every run that made this checkpoint
         "seconds_this_run": summary["seconds"],
-        "final": final,
+        "final": summary["final"],  # the last metrics.csv row, the mean over final_steps
+        "final_steps": list(summary["final_steps"]),
         "timings": summary["timings"],
         "selection": selection,
     }

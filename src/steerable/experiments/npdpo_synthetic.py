@@ -32,7 +32,7 @@ from steerable.policy.model import ConditionalPolicy, PolicyConfig, load_base_mo
 from steerable.policy.sequences import autocast_context
 from steerable.policy.sft import fit_language_model, tiny_llama, word_tokenizer
 from steerable.policy.tokens import PolicyTokenizer
-from steerable.policy.trainer import PolicyTrainConfig, train_policy
+from steerable.policy.trainer import PolicyTrainConfig, describe_final, train_policy
 from steerable.text import synthetic_text as world
 from steerable.text.embedder import Embedder, EmbedderConfig, embed_preferences, save_embedder_config
 from steerable.utils.config import option
@@ -182,13 +182,9 @@ def run_npdpo_synthetic(
         if conditional:
             save_embedder_config(embedder_config, out / name)
         timings[f"{name}_train_s"] = time.perf_counter() - t
-        final = summary["final"]
         console.print(
             f"  trained [bold]{name}[/bold]: {summary['steps']} steps in {summary['seconds']:.0f} s; "
-            "last step: "
-            f"acc {final.get('rewards/accuracies', float('nan')):.2f}, log-ratio chosen "
-            f"{final.get('logratio/chosen', float('nan')):+.2f} / rejected "
-            f"{final.get('logratio/rejected', float('nan')):+.2f}"
+            f"{describe_final(summary)}"
         )
         policies[name] = policy
 

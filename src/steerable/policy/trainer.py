@@ -410,7 +410,6 @@ def train_policy(
         selector.restore(*selected)
         policy.train()
     warned = False
-    totals: dict[str, float] = {}
     window: dict[str, float] = {}
     window_steps = 0
     started = time.perf_counter()
@@ -481,7 +480,6 @@ def train_policy(
             sums = dict(zip(names, mean.tolist(), strict=True))
         step += 1
         bar.update(1)
-        totals = dict(sums)
         for key, value in sums.items():  # the logged row is the mean over the steps since the last one
             window[key] = window.get(key, 0.0) + value
         window_steps += 1
@@ -533,14 +531,14 @@ def train_policy(
         write_json_atomic(out / "train_config.json", {**run, "selection": selection} if selection else run)
     accelerator.wait_for_everyone()
     timings["train_s"] = seconds
-    if not totals and log.rows:  # nothing left to train: the last row the finished run logged
-        totals = {k: v for k, v in log.rows[-1].items() if k != "step"}
+    final, final_steps = last_logged(log.rows)
     return {
         "steps": step,
         "resumed_from": start,
         "seconds": seconds,  # this run
         "total_seconds": over_every_run(seconds),
-        "final": totals,
+        "final": final,  # the last metrics.csv row: the mean over final_steps, in a fresh or resumed run
+        "final_steps": final_steps,  # (first, last) step of that row
         "timings": timings,
         "num_processes": world,
         "selection": selection,  # None, or {"history", "best_step", "best_accuracy"}
@@ -548,6 +546,27 @@ def train_policy(
 
 
 RESUMABLE_CHANGES = ("max_steps", "save_every", "log_every", "device", "cache_dir")  # may differ on resume
+
+
+def last_logged(rows: list[dict[str, float]]) -> tuple[dict[str, float], tuple[int, int]]:
+    """The last metrics.csv row without its step, and the (first, last) steps it averages."""
+    if not rows:
+        return {}, (0, 0)
+    last = int(rows[-1]["step"])
+    first = int(rows[-2]["step"]) + 1 if len(rows) > 1 else 1
+    return {k: v for k, v in rows[-1].items() if k != "step"}, (first, last)
+
+
+def describe_final(summary: dict[str, Any]) -> str:
+    """``steps 141–150: acc 0.92, log-ratio chosen +15.58 / rejected -14.86`` from ``train_policy``'s
+    summary (the last logged row, the same whether the run finished now or earlier)."""
+    final, (first, last) = summary["final"], summary["final_steps"]
+    steps = f"step {last}" if first == last else f"steps {first}–{last}"
+    nan = float("nan")
+    return (
+        f"{steps}: acc {final.get('rewards/accuracies', nan):.2f}, log-ratio chosen "
+        f"{final.get('logratio/chosen', nan):+.2f} / rejected {final.get('logratio/rejected', nan):+.2f}"
+    )
 
 
 def data_fingerprint(tokens: TokenizedPairs, embedded: PreferenceData) -> str:
