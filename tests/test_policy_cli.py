@@ -143,6 +143,13 @@ def test_train_evaluate_generate(policy_world, tiny_encoder, tmp_path, capsys):
     assert result["mixed_precision"] == "bf16"
     assert main([*args, "--mixed-precision", "no"]) == 0
     assert json.loads(report.read_text())["mixed_precision"] == "no"
+    record = (out / "train_config.json").read_text()
+    (out / "train_config.json").write_text("{not json")  # a damaged record: one line, no traceback
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "train_config.json" in err and "mixed_precision" in err and "Traceback" not in err
+    (out / "train_config.json").write_text(record)
 
     capsys.readouterr()
     args = ["generate", "--model", str(out), "--context", str(policy_world / "test.jsonl"), "--user", "u100"]
