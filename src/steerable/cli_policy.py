@@ -6,9 +6,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from steerable.errors import DataError
 from steerable.utils.config import add_config_arguments, config_from_args
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_train_policy_arguments(p: argparse.ArgumentParser, add_embedder_arguments) -> None:
@@ -256,7 +260,7 @@ def _run_evaluate_policy(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluation_precision(choice: str, model_dir: Path, device) -> str:
+def _evaluation_precision(choice: str, model_dir: Path, device: torch.device) -> str:
     """``choice`` (trained | no | bf16 | fp16) resolved on ``device``: ``trained`` reads the precision the
     policy was trained in from its ``train_config.json`` (``no`` when there is none); a trained fp16 falls
     back to full precision on a CPU, where autocast has no fp16."""
