@@ -210,6 +210,14 @@ class MetricsLog:
                     self.tensorboard.add_scalar(key, value, int(row["step"]))
             self.tensorboard.flush()
 
+    def last(self) -> tuple[dict[str, float], tuple[int, int]]:
+        """The last row without its step, and the (first, last) steps it averages ({}, (0, 0) if none)."""
+        if not self.rows:
+            return {}, (0, 0)
+        last = int(self.rows[-1]["step"])
+        first = int(self.rows[-2]["step"]) + 1 if len(self.rows) > 1 else 1
+        return {k: v for k, v in self.rows[-1].items() if k != "step"}, (first, last)
+
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()

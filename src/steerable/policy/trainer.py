@@ -531,7 +531,7 @@ def train_policy(
         write_json_atomic(out / "train_config.json", {**run, "selection": selection} if selection else run)
     accelerator.wait_for_everyone()
     timings["train_s"] = seconds
-    final, final_steps = last_logged(log.rows)
+    final, final_steps = log.last()
     return {
         "steps": step,
         "resumed_from": start,
@@ -546,15 +546,6 @@ def train_policy(
 
 
 RESUMABLE_CHANGES = ("max_steps", "save_every", "log_every", "device", "cache_dir")  # may differ on resume
-
-
-def last_logged(rows: list[dict[str, float]]) -> tuple[dict[str, float], tuple[int, int]]:
-    """The last metrics.csv row without its step, and the (first, last) steps it averages."""
-    if not rows:
-        return {}, (0, 0)
-    last = int(rows[-1]["step"])
-    first = int(rows[-2]["step"]) + 1 if len(rows) > 1 else 1
-    return {k: v for k, v in rows[-1].items() if k != "step"}, (first, last)
 
 
 def describe_final(summary: dict[str, Any]) -> str:
