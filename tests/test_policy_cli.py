@@ -453,3 +453,67 @@ def test_oracle_disagreement_counts_pairs_where_the_two_oracles_pick_different_w
     assert oracle_disagreement(np.array([0, 0, 1, 3]), a, b).mean() == 0.5
     assert oracle_disagreement(np.array([1, 3]), a, b).mean() == 0.0
     assert len(oracle_disagreement(np.array([], dtype=np.int64), a, b)) == 0
+
+
+def test_swap_labels_makes_the_other_types_choices_this_types():
+    """The mirrored oracle's data: the rows named have chosen and rejected exchanged, as tokens and as
+    embeddings, and are marked as this type's users; every other row and the input are untouched."""
+    from steerable.data.schema import PreferenceData
+    from steerable.experiments.npdpo_real import swap_labels
+    from steerable.policy.tokens import TokenizedPairs
+
+    tokens = TokenizedPairs([[1], [2], [3]], [[10], [20], [30]], [[11], [21], [31]])
+    vectors = PreferenceData(
+        user_ids=np.array(["a", "b", "b"]),
+        chosen=np.arange(6, dtype=np.float32).reshape(3, 2),
+        rejected=-np.arange(6, dtype=np.float32).reshape(3, 2) - 1,
+        hidden_mode=np.array([0, 1, 1]),
+    )
+    new_tokens, new_vectors = swap_labels(tokens, vectors, np.array([1, 2]), mode=0)
+    assert new_tokens.prompt == [[1], [2], [3]]
+    assert new_tokens.chosen == [[10], [21], [31]] and new_tokens.rejected == [[11], [20], [30]]
+    assert np.array_equal(new_vectors.chosen, [[0, 1], [-3, -4], [-5, -6]])
+    assert np.array_equal(new_vectors.rejected, [[-1, -2], [2, 3], [4, 5]])
+    assert new_vectors.hidden_mode.tolist() == [0, 0, 0]
+    assert new_vectors.user_ids.tolist() == ["a", "b", "b"]
+    assert tokens.chosen == [[10], [20], [30]] and vectors.hidden_mode.tolist() == [0, 1, 1]
+
+
+def test_npdpo_real_mirrored_oracles_learn_from_every_pair(tmp_path, tiny_encoder, tiny_decoder, monkeypatch):
+    """--models oracle-dpo-mirrored: one oracle per type on every training pair, the other type's with
+    the labels swapped; reported beside NP-DPO with their disagreement (the label swap's yardstick)."""
+    import steerable.experiments.npdpo_real as study
+
+    seen: dict[str, tuple[list, list, list]] = {}
+    original = study.train_policy
+
+    def record(policy, tokens, embedded, config, out, *args, **kwargs):
+        seen[out.name] = (tokens.chosen, tokens.rejected, embedded.hidden_mode.tolist())
+        return original(policy, tokens, embedded, config, out, *args, **kwargs)
+
+    monkeypatch.setattr(study, "train_policy", record)
+    args = ["experiment", "npdpo-real", "--out", str(tmp_path / "r"), "--seed", "0", "--smoke"]
+    args += ["--embedder", tiny_encoder, "--base-model", tiny_decoder, "--blocks", "last:1"]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--max-length", "64", "--generation-prompts", "0"]
+    args += ["--models", "np-dpo,oracle-dpo,oracle-dpo-mirrored"]
+    assert main(args) == 0
+    r = json.loads((tmp_path / "r" / "results.json").read_text())
+    chosen, rejected, modes = seen["np-dpo"]
+    for mode, t in enumerate(r["types"]):
+        assert set(r["models"]["oracle-dpo-mirrored"]["accuracy"][t]) == {"0"}
+        own = [i for i, m in enumerate(modes) if m == mode]
+        assert seen[f"oracle-{t}"][0] == [chosen[i] for i in own]  # the plain oracle: its own type
+        m_chosen, m_rejected, m_modes = seen[f"oracle-mirrored-{t}"]
+        assert m_modes == [mode] * len(modes)  # every pair, all made this type's
+        assert m_chosen == [c if m == mode else w for c, w, m in zip(chosen, rejected, modes, strict=True)]
+        assert m_rejected == [w if m == mode else c for c, w, m in zip(chosen, rejected, modes, strict=True)]
+    for key in ("", "_stderr"):
+        assert set(r[f"label_swap_flip_rate_of_mirrored_oracles{key}_by_context"]) == {"3"}
+    assert (tmp_path / "r" / "npdpo_real.png").exists()
+
+
+def test_npdpo_real_unknown_model_is_a_one_line_error(tmp_path, capsys):
+    args = ["experiment", "npdpo-real", "--out", str(tmp_path / "r"), "--smoke", "--models", "np-dpo,oracle"]
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "unknown models ['oracle']" in err and "Traceback" not in err

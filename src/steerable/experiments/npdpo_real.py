@@ -53,6 +53,10 @@ from steerable.training import TrainConfig
 from steerable.utils.config import option
 from steerable.utils.distributed import is_main_process
 
+MODELS = ("np-dpo", "btl-dpo", "oracle-dpo", "oracle-dpo-mirrored")
+# the two oracle families: results key, folder prefix of each type's oracle
+ORACLES = {"oracle-dpo": "oracle", "oracle-dpo-mirrored": "oracle-mirrored"}
+
 
 @dataclass
 class NPDPORealConfig(TextDataConfig):
@@ -62,7 +66,10 @@ class NPDPORealConfig(TextDataConfig):
     base_model: str = option("SmolLM2-135M-Instruct", "policy LM: folder, hub name or SmolLM2-135M-Instruct")
     types: list[str] = option(["hedging", "structure"], "the two attributes that define the user types")
     models: list[str] = option(
-        ["np-dpo", "btl-dpo", "oracle-dpo"], "policies to train (np-dpo is always trained)"
+        ["np-dpo", "btl-dpo", "oracle-dpo"],
+        "policies to train (np-dpo is always trained); oracle-dpo-mirrored: each oracle also trains on the "
+        "other type's pairs with the labels swapped, as NP-DPO's mirror users do (not in the default: "
+        "see the README)",
     )
     train_users: int = option(96, "simulated training users (half of each type)")
     val_users: int = option(
@@ -152,6 +159,9 @@ class NPDPORealConfig(TextDataConfig):
     def __post_init__(self) -> None:
         if len(self.types) != 2:
             raise ValueError(f"npdpo-real needs two user types, got {self.types}")
+        unknown = sorted(set(self.models) - set(MODELS))
+        if unknown:
+            raise ValueError(f"unknown models {unknown}: choose from {', '.join(MODELS)}")
         if self.steps < 1 or (self.np_dpo_steps is not None and self.np_dpo_steps < 1):
             raise ValueError("steps and np_dpo_steps must be >= 1")
         if self.validate_every < 0 or self.val_tasks < 1:
@@ -297,7 +307,8 @@ def run_npdpo_real(
     main = is_main_process()
     out = begin_study(out_dir, "npdpo-real", "NP-DPO steering a real LM on real text (CPU)", seed, config)
     if overwrite and main:
-        for name in ("np-dpo", "btl-dpo", *(f"oracle-{t}" for t in config.types), "np-btl"):
+        oracles = [f"{prefix}-{t}" for prefix in ORACLES.values() for t in config.types]
+        for name in ("np-dpo", "btl-dpo", *oracles, "np-btl"):
             shutil.rmtree(out / name, ignore_errors=True)
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -343,29 +354,35 @@ def run_npdpo_real(
     if reward_model is not None:
         reward_accuracy = _reward_accuracy(reward_model, test_vec, names, config, s_eval)
 
-    # the policies: one trainer, four datasets
-    # name: (conditional, training rows, validation rows)
-    every_val = np.arange(val_vec.num_pairs)
-    runs: dict[str, tuple[bool, np.ndarray, np.ndarray]] = {
-        "np-dpo": (True, np.arange(train_vec.num_pairs), every_val)
+    # the policies: one trainer, several datasets
+    # name: (conditional, training pairs as tokens and embeddings, their rows, validation rows)
+    every, every_val = np.arange(train_vec.num_pairs), np.arange(val_vec.num_pairs)
+    runs: dict[str, tuple[bool, TokenizedPairs, PreferenceData, np.ndarray, np.ndarray]] = {
+        "np-dpo": (True, train_tokens, train_vec, every, every_val)
     }
     if "btl-dpo" in config.models:
-        runs["btl-dpo"] = (False, np.arange(train_vec.num_pairs), every_val)
-    if "oracle-dpo" in config.models:
-        for mode, name in enumerate(names):
-            runs[f"oracle-{name}"] = (False, _rows_of_mode(train_vec, mode), _rows_of_mode(val_vec, mode))
+        runs["btl-dpo"] = (False, train_tokens, train_vec, every, every_val)
+    for mode, name in enumerate(names):
+        own_val = _rows_of_mode(val_vec, mode)
+        if "oracle-dpo" in config.models:
+            runs[f"oracle-{name}"] = (False, train_tokens, train_vec, _rows_of_mode(train_vec, mode), own_val)
+        if "oracle-dpo-mirrored" in config.models:
+            # every pair conflicts: the other type's pairs with the labels swapped are this type's choices
+            others = np.flatnonzero(np.asarray(train_vec.hidden_mode) != mode)
+            tokens, vectors = swap_labels(train_tokens, train_vec, others, mode)
+            runs[f"oracle-mirrored-{name}"] = (False, tokens, vectors, every, own_val)
     policies: dict[str, ConditionalPolicy] = {}
     training: dict[str, Any] = {}
     train_seed = seed if config.policy_seed is None else config.policy_seed
-    for name, (conditional, rows, val_rows) in runs.items():
+    for name, (conditional, tokens, vectors, rows, val_rows) in runs.items():
         t = time.perf_counter()
         encoder_from = out / "np-btl" if conditional and config.init_encoder else None
         policies[name], training[name] = _train(
             name,
             conditional,
             rows,
-            train_tokens,
-            train_vec,
+            tokens,
+            vectors,
             config,
             out,
             train_seed,
@@ -408,22 +425,23 @@ def run_npdpo_real(
         tables["btl-dpo"] = evaluator(policies["btl-dpo"]).accuracy_table({0: tasks[sizes[0]]}, names)
     # each oracle scores every user's targets: its accuracy is read on its own type's users, and the
     # two oracles' disagreement is the label swap's yardstick (below)
-    oracle_winners: dict[str, dict[int, float]] = {}
-    for name in names:
-        if f"oracle-{name}" not in policies:
-            continue
-        oracle_eval = evaluator(policies[f"oracle-{name}"])
-        tables.setdefault("oracle-dpo", {})[name] = oracle_eval.accuracy_table({0: tasks[sizes[0]]}, names)[
-            name
-        ]
-        margins = oracle_eval.margins(tasks[sizes[0]])
-        hits = prediction_hits(margins.margin).tolist()
-        oracle_winners[name] = dict(zip(margins.pair.tolist(), hits, strict=True))
-    oracle_swaps = {}
-    if len(oracle_winners) == 2:
-        for n in swaps:
-            m = np_eval.margins(tasks[int(n)])  # kept from the accuracy table: not scored again
-            oracle_swaps[n] = np_eval.share(oracle_disagreement(m.pair, *oracle_winners.values()), m)
+    oracle_swaps: dict[str, dict[str, dict[str, float]]] = {}
+    for family, prefix in ORACLES.items():
+        oracle_winners: dict[str, dict[int, float]] = {}
+        for name in names:
+            if f"{prefix}-{name}" not in policies:
+                continue
+            oracle_eval = evaluator(policies[f"{prefix}-{name}"])
+            table = oracle_eval.accuracy_table({0: tasks[sizes[0]]}, names)
+            tables.setdefault(family, {})[name] = table[name]
+            margins = oracle_eval.margins(tasks[sizes[0]])
+            hits = prediction_hits(margins.margin).tolist()
+            oracle_winners[name] = dict(zip(margins.pair.tolist(), hits, strict=True))
+        if len(oracle_winners) == 2:
+            for n in swaps:
+                m = np_eval.margins(tasks[int(n)])  # kept from the accuracy table: not scored again
+                disagree = oracle_disagreement(m.pair, *oracle_winners.values())
+                oracle_swaps.setdefault(family, {})[n] = np_eval.share(disagree, m)
     timings["evaluation_s"] = time.perf_counter() - t
     console.print(f"  evaluation: {timings['evaluation_s']:.0f} s")
 
@@ -478,9 +496,18 @@ def run_npdpo_real(
         },
         # the same targets' flip rate for a policy that becomes each type's oracle: the two oracles'
         # predicted winners differ (its ceiling: both oracles right, or both wrong)
-        "label_swap_flip_rate_of_oracles_by_context": {n: v["share"] for n, v in oracle_swaps.items()},
+        "label_swap_flip_rate_of_oracles_by_context": {
+            n: v["share"] for n, v in oracle_swaps.get("oracle-dpo", {}).items()
+        },
         "label_swap_flip_rate_of_oracles_stderr_by_context": {
-            n: v["stderr"] for n, v in oracle_swaps.items()
+            n: v["stderr"] for n, v in oracle_swaps.get("oracle-dpo", {}).items()
+        },
+        # the same for the oracles that also learned from the other type's pairs, labels swapped
+        "label_swap_flip_rate_of_mirrored_oracles_by_context": {
+            n: v["share"] for n, v in oracle_swaps.get("oracle-dpo-mirrored", {}).items()
+        },
+        "label_swap_flip_rate_of_mirrored_oracles_stderr_by_context": {
+            n: v["stderr"] for n, v in oracle_swaps.get("oracle-dpo-mirrored", {}).items()
         },
         "user_embedding_type_probe": probe,
         "reward_model": reward_accuracy,
@@ -502,6 +529,31 @@ def run_npdpo_real(
         _plots(out, results, sizes)
     _print(results, sizes)
     return results
+
+
+def swap_labels(
+    tokens: TokenizedPairs, vectors: PreferenceData, rows: np.ndarray, mode: int
+) -> tuple[TokenizedPairs, PreferenceData]:
+    """Copies of the pairs (as tokens and embeddings) whose ``rows`` have chosen and rejected exchanged
+    and are marked as users of ``mode``: for users whose every pair conflicts, another type's choices
+    made this type's."""
+    flip = np.zeros(vectors.num_pairs, dtype=bool)
+    flip[rows] = True
+    chosen = [r if f else c for c, r, f in zip(tokens.chosen, tokens.rejected, flip, strict=True)]
+    rejected = [c if f else r for c, r, f in zip(tokens.chosen, tokens.rejected, flip, strict=True)]
+    hidden_mode = None
+    if vectors.hidden_mode is not None:
+        hidden_mode = np.where(flip, mode, vectors.hidden_mode).astype(np.int64)
+    swapped = PreferenceData(
+        user_ids=vectors.user_ids,
+        chosen=np.where(flip[:, None], vectors.rejected, vectors.chosen),
+        rejected=np.where(flip[:, None], vectors.chosen, vectors.rejected),
+        prompts=vectors.prompts,
+        hidden_mode=hidden_mode,
+        hidden_z=vectors.hidden_z,
+        source=vectors.source,
+    )
+    return TokenizedPairs(list(tokens.prompt), chosen, rejected, tokens.truncated, dict(tokens.meta)), swapped
 
 
 def oracle_disagreement(
@@ -821,6 +873,12 @@ def _plots(out: Path, results: dict[str, Any], sizes: list[int]) -> None:
             "the two oracles disagree",
             "s--",
         ),
+        (
+            "label_swap_flip_rate_of_mirrored_oracles_by_context",
+            "label_swap_flip_rate_of_mirrored_oracles_stderr_by_context",
+            "the two mirrored oracles disagree",
+            "d-.",
+        ),
         ("user_embedding_type_probe", None, "type read from z (probe)", "^:"),
     ):
         row = results.get(key) or {}
@@ -846,7 +904,8 @@ def _plots(out: Path, results: dict[str, Any], sizes: list[int]) -> None:
         fig.tight_layout()
         fig.savefig(out / "generation.png", dpi=120)
         plt.close(fig)
-    plot_training(out, runs=["np-dpo", "btl-dpo", *(f"oracle-{t}" for t in results["types"])])
+    oracles = [f"{prefix}-{t}" for prefix in ORACLES.values() for t in results["types"]]
+    plot_training(out, runs=["np-dpo", "btl-dpo", *oracles])
 
 
 def _pm(stderr: float | None) -> str:
@@ -867,6 +926,7 @@ def _print(results: dict[str, Any], sizes: list[int]) -> None:
     for key, label in (
         ("label_swap_flip_rate", "label swap flip rate"),
         ("label_swap_flip_rate_of_oracles", "  the two oracles disagree on"),
+        ("label_swap_flip_rate_of_mirrored_oracles", "  the two mirrored oracles disagree on"),
     ):
         share = results.get(f"{key}_by_context") or {}
         stderr = results.get(f"{key}_stderr_by_context") or {}

@@ -18,7 +18,8 @@ def plot_policy_accuracy(
     ax: Any, models: dict[str, Any], groups: list[str], sizes: list[int], ylabel: str, errors: bool = False
 ) -> None:
     """NP-DPO's implicit-reward accuracy vs N^C per group (solid; ± 1 standard error with ``errors``),
-    the per-type oracle DPO (dashed, when present) and BTL-DPO (dotted) on one axis."""
+    the per-type oracle DPO (dashed, when present; dash-dotted: the oracle that also learned from the other
+    type's pairs with the labels swapped) and BTL-DPO (dotted) on one axis."""
     for k, group in enumerate(groups):
         curve = models["np-dpo"]["accuracy"].get(group, {})
         xs = [n for n in sizes if str(n) in curve]
@@ -39,6 +40,9 @@ def plot_policy_accuracy(
         oracle = models.get("oracle-dpo", {}).get("accuracy", {}).get(group, {}).get("0")
         if oracle is not None:
             ax.axhline(oracle, color=f"C{k}", ls="--", label=f"oracle DPO, {group}")
+        mirrored = models.get("oracle-dpo-mirrored", {}).get("accuracy", {}).get(group, {}).get("0")
+        if mirrored is not None:
+            ax.axhline(mirrored, color=f"C{k}", ls="-.", label=f"mirrored oracle DPO, {group}")
         btl = models.get("btl-dpo", {}).get("accuracy", {}).get(group, {}).get("0")
         if btl is not None:
             ax.axhline(btl, color=f"C{k}", ls=":", label=f"BTL-DPO, {group}")
@@ -110,7 +114,7 @@ def print_policy_table(title: str, models: dict[str, Any], groups: list[str], si
         table.add_row(
             f"np-dpo / {group}", *[f"{curve[str(n)]:.3f}" if str(n) in curve else "" for n in sizes]
         )
-        for other in ("oracle-dpo", "btl-dpo"):
+        for other in ("oracle-dpo", "oracle-dpo-mirrored", "btl-dpo"):
             value = models.get(other, {}).get("accuracy", {}).get(group, {}).get("0")
             if value is not None:
                 table.add_row(f"{other} / {group}", f"{value:.3f}", *["" for _ in sizes[1:]])
