@@ -517,3 +517,23 @@ def test_npdpo_real_unknown_model_is_a_one_line_error(tmp_path, capsys):
     assert main(args) != 0
     err = capsys.readouterr().err
     assert "unknown models ['oracle']" in err and "Traceback" not in err
+
+
+def test_npdpo_real_np_dpo_lora_rank_applies_to_np_dpo_only(tmp_path, tiny_encoder, tiny_decoder):
+    """--np-dpo-lora-r 0: NP-DPO with FiLM only, the oracles keep their adapters (at rank 0 an
+    unconditional policy would have nothing to train)."""
+    from steerable.experiments.npdpo_real import NPDPORealConfig
+
+    assert NPDPORealConfig().policy_lora_r(conditional=True) == 16
+    config = NPDPORealConfig(np_dpo_lora_r=0, lora_gates=False)
+    assert (config.policy_lora_r(conditional=True), config.policy_lora_r(conditional=False)) == (0, 16)
+    with pytest.raises(ValueError, match="no-lora-gates"):
+        NPDPORealConfig(np_dpo_lora_r=0)
+    args = ["experiment", "npdpo-real", "--out", str(tmp_path / "r"), "--seed", "0", "--smoke"]
+    args += ["--embedder", tiny_encoder, "--base-model", tiny_decoder, "--blocks", "last:1"]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--max-length", "64", "--generation-prompts", "0"]
+    args += ["--models", "np-dpo,oracle-dpo", "--np-dpo-lora-r", "0", "--no-lora-gates"]
+    assert main(args) == 0
+    rank = lambda name: json.loads((tmp_path / "r" / name / "policy_config.json").read_text())["lora_r"]  # noqa: E731
+    assert rank("np-dpo") == 0
+    assert rank("oracle-hedging") == rank("oracle-structure") == 16

@@ -93,6 +93,11 @@ class NPDPORealConfig(TextDataConfig):
         "takes half the steps by default (see the README)",
     )
     lora_r: int = option(16, "LoRA rank (alpha = 2 r)")
+    np_dpo_lora_r: int | None = option(
+        None,
+        "NP-DPO's own LoRA rank (default: lora_r; BTL-DPO and the oracles keep lora_r). 0: FiLM only, "
+        "with --no-lora-gates (on the larger prompt split it raised the label swap: see the README)",
+    )
     lora_gates: bool = option(
         True,
         "NP-DPO's z also modulates each LoRA adapter's rank bottleneck (conditional adapters; without them "
@@ -164,6 +169,10 @@ class NPDPORealConfig(TextDataConfig):
             raise ValueError(f"unknown models {unknown}: choose from {', '.join(MODELS)}")
         if self.steps < 1 or (self.np_dpo_steps is not None and self.np_dpo_steps < 1):
             raise ValueError("steps and np_dpo_steps must be >= 1")
+        if self.np_dpo_lora_r is not None and self.np_dpo_lora_r < 0:
+            raise ValueError(f"np_dpo_lora_r must be >= 0, got {self.np_dpo_lora_r}")
+        if self.lora_gates and self.policy_lora_r(conditional=True) == 0:
+            raise ValueError("NP-DPO without LoRA (rank 0) has no adapters to gate: add --no-lora-gates")
         if self.validate_every < 0 or self.val_tasks < 1:
             raise ValueError("validate_every must be >= 0 and val_tasks >= 1")
         if self.smoke:
@@ -191,6 +200,12 @@ class NPDPORealConfig(TextDataConfig):
             )
             for key, value in values.items():
                 setattr(self, key, value)
+
+    def policy_lora_r(self, conditional: bool) -> int:
+        """LoRA rank of NP-DPO (``conditional``) or of BTL-DPO and the oracles."""
+        if conditional and self.np_dpo_lora_r is not None:
+            return self.np_dpo_lora_r
+        return self.lora_r
 
     def policy_steps(self, conditional: bool) -> int:
         """Training steps of NP-DPO (``conditional``) or of BTL-DPO and the oracles. A mirrored step trains
@@ -610,8 +625,8 @@ def _train(
     policy_config = PolicyConfig(
         base_model=config.base_model,
         conditional=conditional,
-        lora_r=config.lora_r,
-        lora_alpha=max(1, 2 * config.lora_r),
+        lora_r=config.policy_lora_r(conditional),
+        lora_alpha=max(1, 2 * config.policy_lora_r(conditional)),
         lora_gates=config.lora_gates and conditional,
         film_mlp=config.film_mlp and conditional,
         blocks=config.blocks,
