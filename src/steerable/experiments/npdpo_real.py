@@ -25,7 +25,7 @@ and prompts, with standard errors clustered by user:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -556,19 +556,14 @@ def swap_labels(
     flip[rows] = True
     chosen = [r if f else c for c, r, f in zip(tokens.chosen, tokens.rejected, flip, strict=True)]
     rejected = [c if f else r for c, r, f in zip(tokens.chosen, tokens.rejected, flip, strict=True)]
-    hidden_mode = None
-    if vectors.hidden_mode is not None:
-        hidden_mode = np.where(flip, mode, vectors.hidden_mode).astype(np.int64)
-    swapped = PreferenceData(
-        user_ids=vectors.user_ids,
+    hidden_mode = None if vectors.hidden_mode is None else np.where(flip, mode, vectors.hidden_mode)
+    swapped = replace(
+        vectors,
         chosen=np.where(flip[:, None], vectors.rejected, vectors.chosen),
         rejected=np.where(flip[:, None], vectors.chosen, vectors.rejected),
-        prompts=vectors.prompts,
         hidden_mode=hidden_mode,
-        hidden_z=vectors.hidden_z,
-        source=vectors.source,
     )
-    return TokenizedPairs(list(tokens.prompt), chosen, rejected, tokens.truncated, dict(tokens.meta)), swapped
+    return replace(tokens, chosen=chosen, rejected=rejected), swapped
 
 
 def oracle_disagreement(
@@ -622,11 +617,12 @@ def _train(
     """One policy trained by the common trainer (resumes from ``out/name`` if a run is there); with
     ``validation`` (the validation users' tokens and embeddings) it keeps its best step on them."""
     base, tokenizer = load_base_model(config.base_model)
+    rank = config.policy_lora_r(conditional)
     policy_config = PolicyConfig(
         base_model=config.base_model,
         conditional=conditional,
-        lora_r=config.policy_lora_r(conditional),
-        lora_alpha=max(1, 2 * config.policy_lora_r(conditional)),
+        lora_r=rank,
+        lora_alpha=max(1, 2 * rank),
         lora_gates=config.lora_gates and conditional,
         film_mlp=config.film_mlp and conditional,
         blocks=config.blocks,
