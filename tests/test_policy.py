@@ -18,7 +18,7 @@ from steerable.errors import ConfigError  # noqa: E402
 from steerable.objectives import btl_log_prob, dpo_loss  # noqa: E402
 from steerable.policy.blocks import find_attention, find_decoder_blocks, find_mlp  # noqa: E402
 from steerable.policy.evaluation import PolicyEvaluator  # noqa: E402
-from steerable.policy.generation import generate, interpolate  # noqa: E402
+from steerable.policy.generation import SteeredPolicy, generate, interpolate  # noqa: E402
 from steerable.policy.model import ConditionalPolicy, PolicyConfig, select_blocks  # noqa: E402
 from steerable.policy.sft import tiny_llama, word_tokenizer  # noqa: E402
 from steerable.policy.tokens import PolicyTokenizer, collate  # noqa: E402
@@ -180,6 +180,46 @@ def test_lora_gates_start_as_the_identity_and_give_each_user_its_own_adapters():
     assert torch.allclose(log_probs(fresh), log_probs(policy), atol=1e-6)
     with pytest.raises(ConfigError, match="lora_gates"):
         PolicyConfig(lora_gates=True, lora_r=0)
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_identity_empty_context_leaves_users_without_pairs_unmodulated(lora_r):
+    """empty_context identity: a user with no context pairs gets no FiLM (and no gates), exactly what the
+    policy gives with modulation off (with FiLM only: the base model), while a user with pairs in the same
+    batch is still modulated; the hypernetwork stays in the graph (zero gradient) for DDP. The default,
+    learned, modulates the empty set by the trained z_∅."""
+    torch.manual_seed(4)
+    base = _tiny_models()["llama"].eval()
+    ids = torch.randint(0, 64, (4, 7))
+    expected = _sequence_log_probs(base, ids).sum(1)
+    gates = {"lora_gates": True} if lora_r else {}
+    policy = _policy(base, lora_r=lora_r, empty_context="identity", **gates).eval()
+    learned = _policy(_tiny_models()["llama"].eval(), lora_r=lora_r, **gates).eval()
+    for model in (policy, learned):
+        for _, network in model._modulations():
+            torch.nn.init.normal_(network.net[-1].weight, std=0.5)
+            torch.nn.init.normal_(network.net[-1].bias, std=0.5)  # z_∅ modulates too
+    mask = torch.tensor([[True, True, False], [False, False, False]])  # user 1 has no context pairs
+    ctx = (torch.randn(2, 3, 6), torch.randn(2, 3, 6), mask)
+    empty_rows = ROW_USER.eq(1)
+    with torch.no_grad(), policy.hooks.disabled():
+        unmodulated = policy(ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool))[0]
+    both = _two_users_log_probs(policy, ids, ctx)
+    assert torch.equal(both[empty_rows], unmodulated[empty_rows])
+    assert (both[~empty_rows] - unmodulated[~empty_rows]).abs().min() > 1e-3
+    if lora_r == 0:
+        assert torch.allclose(both[empty_rows], expected[empty_rows], atol=1e-5)  # the base model
+    with torch.no_grad(), learned.hooks.disabled():
+        plain = learned(ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool))[0]
+    assert (_two_users_log_probs(learned, ids, ctx)[empty_rows] - plain[empty_rows]).abs().min() > 1e-3
+    empty = (torch.randn(2, 0, 6), torch.randn(2, 0, 6), torch.zeros(2, 0, dtype=torch.bool))
+    logps, _ = policy(ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool), empty, ROW_USER)
+    logps.sum().backward()
+    grad = policy.hypernetwork.net[-1].weight.grad
+    assert grad is not None and grad.abs().max() == 0
+    with pytest.raises(ConfigError, match="empty_context"):
+        PolicyConfig(empty_context="zero")
+    assert PolicyConfig.from_json({"lora_r": 4}).empty_context == "learned"  # configs saved before it
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
@@ -430,6 +470,10 @@ def test_generation_is_seeded_and_steered(tiny_world):
     steered = [generate(policy, prompts, z * 50, max_new_tokens=6, temperature=0.0) for z in (z_a, z_b)]
     assert steered[0] != plain or steered[1] != plain
     assert policy.hooks.gamma is None  # modulation is cleared after generating
+    steered_policy = SteeredPolicy(policy)
+    assert steered_policy.user_embedding([]).shape == (8,)  # learned: z_∅
+    policy.config.empty_context = "identity"
+    assert steered_policy.user_embedding([]) is None  # what such a policy trains with at N^C = 0
 
 
 def test_fresh_policy_equals_its_reference_under_bf16(tiny_world, tmp_path):

@@ -537,3 +537,28 @@ def test_npdpo_real_np_dpo_lora_rank_applies_to_np_dpo_only(tmp_path, tiny_encod
     rank = lambda name: json.loads((tmp_path / "r" / name / "policy_config.json").read_text())["lora_r"]  # noqa: E731
     assert rank("np-dpo") == 0
     assert rank("oracle-hedging") == rank("oracle-structure") == 16
+
+
+def test_npdpo_real_identity_empty_context_trains_film_only_np_dpo_on_context_only(
+    tmp_path, tiny_encoder, tiny_decoder
+):
+    """--empty-context identity with FiLM only: NP-DPO without context is the base model, so it trains on
+    N^C >= 1 only and is saved with the setting (generation then uses no modulation for no context);
+    BTL-DPO and the oracles are untouched; with LoRA NP-DPO still trains at N^C = 0 (its adapters)."""
+    from steerable.experiments.npdpo_real import NPDPORealConfig
+
+    film_only = NPDPORealConfig(np_dpo_lora_r=0, lora_gates=False, empty_context="identity")
+    assert (film_only.policy_min_context(True), film_only.policy_min_context(False)) == (1, 0)
+    assert NPDPORealConfig(empty_context="identity").policy_min_context(True) == 0
+    assert NPDPORealConfig(np_dpo_lora_r=0, lora_gates=False).policy_min_context(True) == 0
+    args = ["experiment", "npdpo-real", "--out", str(tmp_path / "r"), "--seed", "0", "--smoke"]
+    args += ["--embedder", tiny_encoder, "--base-model", tiny_decoder, "--blocks", "last:1"]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--max-length", "64", "--generation-prompts", "0"]
+    args += ["--models", "np-dpo,btl-dpo", "--np-dpo-lora-r", "0", "--no-lora-gates"]
+    args += ["--empty-context", "identity"]
+    assert main(args) == 0
+    saved = lambda name, file: json.loads((tmp_path / "r" / name / file).read_text())  # noqa: E731
+    assert saved("np-dpo", "policy_config.json")["empty_context"] == "identity"
+    assert saved("np-dpo", "train_config.json")["train"]["min_context"] == 1
+    assert saved("btl-dpo", "policy_config.json")["empty_context"] == "learned"
+    assert saved("btl-dpo", "train_config.json")["train"]["min_context"] == 0

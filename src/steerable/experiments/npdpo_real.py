@@ -103,6 +103,13 @@ class NPDPORealConfig(TextDataConfig):
         "NP-DPO's z also modulates each LoRA adapter's rank bottleneck (conditional adapters; without them "
         "the policy acts on z through FiLM on attention outputs only)",
     )
+    empty_context: str = option(
+        "learned",
+        "NP-DPO for a user with no context pairs: learned = the trained empty-set embedding z_∅ (paper); "
+        "identity = no modulation, so with --np-dpo-lora-r 0 that user gets the base model and NP-DPO "
+        "trains on N^C >= 1 only (nothing is trained at N^C = 0); see the README",
+        choices=["learned", "identity"],
+    )
     film_mlp: bool = option(
         False, "NP-DPO's FiLM also modulates the MLP outputs of its blocks (beyond the paper; see the README)"
     )
@@ -206,6 +213,12 @@ class NPDPORealConfig(TextDataConfig):
         if conditional and self.np_dpo_lora_r is not None:
             return self.np_dpo_lora_r
         return self.lora_r
+
+    def policy_min_context(self, conditional: bool) -> int:
+        """Smallest N^C NP-DPO trains on: 1 when it has nothing to train at N^C = 0 (FiLM only, no
+        modulation without context: the base model), else 0."""
+        film_only = self.policy_lora_r(conditional=True) == 0 and self.empty_context == "identity"
+        return 1 if conditional and film_only else 0
 
     def policy_steps(self, conditional: bool) -> int:
         """Training steps of NP-DPO (``conditional``) or of BTL-DPO and the oracles. A mirrored step trains
@@ -625,6 +638,7 @@ def _train(
         lora_alpha=max(1, 2 * rank),
         lora_gates=config.lora_gates and conditional,
         film_mlp=config.film_mlp and conditional,
+        empty_context=config.empty_context if conditional else "learned",
         blocks=config.blocks,
         input_dim=vectors.dim if conditional else 0,
         # the NP-BTL's encoder (attention, its width, z of 256), so that it can start from it
@@ -640,6 +654,7 @@ def _train(
         max_steps=steps,
         users_per_batch=config.users_per_batch,
         targets_per_user=config.targets_per_user,
+        min_context=config.policy_min_context(conditional),
         max_context=config.max_context if conditional else 0,
         learning_rate=config.policy_learning_rate,
         warmup_steps=min(20, max(1, steps // 10)),

@@ -27,7 +27,7 @@ import torch
 from steerable.experiments.common import begin_study, child_seeds, console, write_results
 from steerable.experiments.policy_report import plot_policy_accuracy, plot_training, print_policy_table
 from steerable.policy.evaluation import PolicyEvaluator
-from steerable.policy.generation import generate
+from steerable.policy.generation import SteeredPolicy, generate
 from steerable.policy.model import ConditionalPolicy, PolicyConfig, load_base_model
 from steerable.policy.sequences import autocast_context
 from steerable.policy.sft import fit_language_model, tiny_llama, word_tokenizer
@@ -268,8 +268,7 @@ def _generation_study(
     device = policy.device
     with torch.no_grad():
         z = policy.encode(chosen[idx].to(device), rejected[idx].to(device), mask.to(device))
-        empty = torch.zeros(len(prompts), 0, chosen.shape[1], device=device)
-        z0 = policy.encode(empty, empty, torch.zeros(len(prompts), 0, dtype=torch.bool, device=device))
+    z0 = SteeredPolicy(policy).user_embedding([])  # π(y | x, ∅): z_∅, or None with empty_context identity
     out: dict[str, Any] = {}
     samples = {}
     for label, zz in (("with_context", z), ("without_context", z0)):

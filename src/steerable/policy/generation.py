@@ -45,9 +45,10 @@ def generate(
     max_prompt_length: int | None = None,
 ) -> list[str]:
     """Sample one response per prompt; row i is steered by z[i] (z (B, L) or (L,) for all; None: FiLM
-    off — for a conditional policy, pass the empty-set embedding of :meth:`SteeredPolicy.user_embedding`
-    to sample π(y | x, ∅) instead). Prompts are cut to the policy's training limit (``policy_config.json``;
-    512 tokens if unknown) unless ``max_prompt_length`` is given."""
+    off — for a conditional policy, pass what :meth:`SteeredPolicy.user_embedding` gives for no context
+    to sample π(y | x, ∅) instead: z_∅, or None with ``empty_context`` identity). Prompts are cut to the
+    policy's training limit (``policy_config.json``; 512 tokens if unknown) unless ``max_prompt_length``
+    is given."""
     if max_prompt_length is None:
         max_prompt_length = policy.config.max_prompt_length or 512
     if temperature < 0 or not 0 < top_p <= 1 or max_new_tokens < 1:
@@ -93,10 +94,15 @@ class SteeredPolicy:
     def __init__(self, policy: ConditionalPolicy, embedder: Any = None) -> None:
         self.policy, self.embedder = policy, embedder
 
+    @torch.no_grad()
     def user_embedding(self, context: list[dict[str, Any]] | None) -> Tensor | None:
         """z (L,) from context pairs ``{"prompt"?, "chosen", "rejected"}`` (text, TRL standard or
-        conversational form); None for an unconditional policy. An empty list gives the prior z."""
+        conversational form); None for an unconditional policy. An empty list gives the prior z, or None
+        (no modulation: what such a policy was trained with) when the policy's ``empty_context`` is
+        identity."""
         if self.policy.hooks is None:
+            return None
+        if not context and self.policy.config.empty_context == "identity":
             return None
         from steerable.text.embedder import embed_preferences
 

@@ -88,6 +88,13 @@ class PolicyConfig:
         False,
         "z also modulates each LoRA adapter's rank bottleneck (conditional adapters; beyond the paper)",
     )
+    empty_context: str = option(
+        "learned",
+        "a user with no context pairs (N^C = 0): learned = the encoder's trained empty-set embedding z_∅ "
+        "(paper); identity = no modulation (FiLM, gates at the identity), so with lora_r 0 that user gets "
+        "the base model exactly",
+        choices=["learned", "identity"],
+    )
     input_dim: int = option(0, "width of the context options' embeddings (set from the data)")
     dtype: str = option("float32", "base model weights: float32 | bfloat16 | float16", choices=list(DTYPES))
     max_length: int = option(0, "tokens per prompt + response it was trained on (set by the trainer)")
@@ -103,6 +110,8 @@ class PolicyConfig:
             raise ConfigError("lora_gates needs a conditional policy with LoRA (lora_r >= 1)")
         if self.film_mlp and not self.conditional:
             raise ConfigError("film_mlp needs a conditional policy (FiLM is modulated by z)")
+        if self.empty_context not in ("learned", "identity"):
+            raise ConfigError(f"empty_context must be learned or identity, got {self.empty_context!r}")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -319,14 +328,22 @@ class ConditionalPolicy(nn.Module):
         rejected = (rejected.float() - self.input_shift) / self.input_scale
         return self.encoder(chosen, rejected, mask)
 
-    def modulate(self, z: Tensor | None, row_user: Tensor | None = None) -> None:
+    def modulate(
+        self, z: Tensor | None, row_user: Tensor | None = None, has_context: Tensor | None = None
+    ) -> None:
         """Set FiLM for the next forward passes: row r of the batch is modulated by user ``row_user[r]``'s
-        z (default: row r by z[r]). None: no FiLM."""
+        z (default: row r by z[r]). None: no FiLM. ``has_context`` (B,) bool: with ``empty_context``
+        identity, users without context pairs get γ = 1, β = 0 (multiplied in, so the hypernetworks stay in
+        the graph with zero gradient, as DDP needs)."""
+        identity_rows = has_context is not None and self.config.empty_context == "identity"
         for hooks, network in self._modulations():
             if z is None:
                 hooks.clear()
                 continue
             gamma, beta = network(z)
+            if identity_rows:
+                keep = has_context.to(gamma.dtype).view(-1, 1, 1)
+                gamma, beta = 1.0 + keep * (gamma - 1.0), keep * beta
             if row_user is not None:
                 gamma, beta = gamma[row_user], beta[row_user]
             hooks.set(gamma, beta)
@@ -411,11 +428,12 @@ class ConditionalPolicy(nn.Module):
         """Summed response log-probabilities (R,) and response lengths (R,) under π(· | D^C).
 
         ``context`` = (chosen (B, Nc, D), rejected (B, Nc, D), mask (B, Nc)) of B users; row r of the
-        batch belongs to user ``row_user[r]``. Without context the policy is unmodulated (BTL-DPO).
+        batch belongs to user ``row_user[r]``. Without context the policy is unmodulated (BTL-DPO); a user
+        whose mask is all False gets z_∅ or, with ``empty_context`` identity, no modulation.
         ``prefix_hidden``: see :meth:`response_log_probs`. FiLM stays set after the call (activation
         checkpointing recomputes the forward during backward); call :meth:`modulate` with None when done."""
         if context is not None and self.hooks is not None:
-            self.modulate(self.encode(*context), row_user)
+            self.modulate(self.encode(*context), row_user, has_context=context[2].any(dim=1))
         return self.response_log_probs(input_ids, attention_mask, response_mask, prefix_hidden)
 
     @torch.no_grad()
