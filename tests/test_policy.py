@@ -476,6 +476,25 @@ def test_generation_is_seeded_and_steered(tiny_world):
     assert steered_policy.user_embedding([]) is None  # what such a policy trains with at N^C = 0
 
 
+def test_film_only_policy_with_identity_empty_context_samples_the_base_model_without_context(tiny_world):
+    """π(y | x, ∅) of a FiLM-only policy with empty_context identity is the base model: the same samples
+    as its reference for the same seed, while a user's z still moves them."""
+    folder, *_ = tiny_world
+    torch.manual_seed(0)
+    policy = _build(folder, lora_r=0, empty_context="identity").eval()
+    torch.nn.init.normal_(policy.hypernetwork.net[-1].bias, std=2.0)  # z_∅ would modulate if used
+    prompts = ["tell me about the red cat", "tell me about the old train"]
+    steered = SteeredPolicy(policy)
+    no_context = steered.generate_from_embedding(prompts, steered.user_embedding([]), max_new_tokens=6)
+    with policy.reference():
+        base = generate(policy, prompts, None, max_new_tokens=6)
+    assert no_context == base
+    z_empty = policy.encode(torch.zeros(1, 0, 6), torch.zeros(1, 0, 6), torch.zeros(1, 0, dtype=torch.bool))
+    assert generate(policy, prompts, z_empty[0] * 50, max_new_tokens=6, temperature=0.0) != generate(
+        policy, prompts, None, max_new_tokens=6, temperature=0.0
+    )
+
+
 def test_fresh_policy_equals_its_reference_under_bf16(tiny_world, tmp_path):
     """One precision per comparison: with bf16 autocast the reference runs in bf16 too, so the implicit
     rewards of a fresh policy are exactly 0 (an fp32 reference gave |margins| ~ 1e-3)."""
