@@ -797,7 +797,7 @@ def _generation(
                 mask,
             )
         texts[f"user:{name}"] = generate(policy, prompts, z, seed=seed, **sampling)
-    empty = SteeredPolicy(policy).user_embedding([])  # the trained empty-set embedding: π(y | x, ∅)
+    empty = SteeredPolicy(policy).user_embedding([])  # π(y | x, ∅): z_∅, or None (identity)
     texts["no-context"] = generate(policy, prompts, empty, seed=seed, **sampling)
     best_of = max(1, config.best_of)
     with policy.reference():
