@@ -42,7 +42,7 @@ from steerable.objectives import prediction_hits
 from steerable.policy.best_of_n import sample_candidates, score_candidates
 from steerable.policy.evaluation import PolicyEvaluator
 from steerable.policy.generation import SteeredPolicy, generate
-from steerable.policy.model import ConditionalPolicy, PolicyConfig, load_base_model
+from steerable.policy.model import EMPTY_CONTEXTS, ConditionalPolicy, PolicyConfig, load_base_model
 from steerable.policy.sequences import autocast_context, prefix_cache_for
 from steerable.policy.tokens import PolicyTokenizer, TokenizedPairs, collate
 from steerable.policy.trainer import PolicyTrainConfig, describe_final, train_policy
@@ -108,7 +108,7 @@ class NPDPORealConfig(TextDataConfig):
         "NP-DPO for a user with no context pairs: learned = the trained empty-set embedding z_∅ (paper); "
         "identity = no modulation, so with --np-dpo-lora-r 0 that user gets the base model and NP-DPO "
         "trains on N^C >= 1 only (nothing is trained at N^C = 0); see the README",
-        choices=["learned", "identity"],
+        choices=list(EMPTY_CONTEXTS),
     )
     film_mlp: bool = option(
         False, "NP-DPO's FiLM also modulates the MLP outputs of its blocks (beyond the paper; see the README)"

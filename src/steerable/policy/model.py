@@ -51,6 +51,7 @@ from steerable.utils.config import option
 
 CONFIG_NAME = "policy_config.json"
 WEIGHTS_NAME = "policy.safetensors"
+EMPTY_CONTEXTS = ("learned", "identity")  # PolicyConfig.empty_context: z_∅, or no modulation
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -93,7 +94,7 @@ class PolicyConfig:
         "a user with no context pairs (N^C = 0): learned = the encoder's trained empty-set embedding z_∅ "
         "(paper); identity = no modulation (FiLM, gates at the identity), so with lora_r 0 that user gets "
         "the base model exactly",
-        choices=["learned", "identity"],
+        choices=list(EMPTY_CONTEXTS),
     )
     input_dim: int = option(0, "width of the context options' embeddings (set from the data)")
     dtype: str = option("float32", "base model weights: float32 | bfloat16 | float16", choices=list(DTYPES))
@@ -110,8 +111,8 @@ class PolicyConfig:
             raise ConfigError("lora_gates needs a conditional policy with LoRA (lora_r >= 1)")
         if self.film_mlp and not self.conditional:
             raise ConfigError("film_mlp needs a conditional policy (FiLM is modulated by z)")
-        if self.empty_context not in ("learned", "identity"):
-            raise ConfigError(f"empty_context must be learned or identity, got {self.empty_context!r}")
+        if self.empty_context not in EMPTY_CONTEXTS:
+            raise ConfigError(f"empty_context must be one of {EMPTY_CONTEXTS}, got {self.empty_context!r}")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
