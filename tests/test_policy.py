@@ -452,6 +452,33 @@ def test_a_share_of_targets_has_its_standard_error_clustered_by_user_and_by_prom
     assert "stderr_by_prompt" not in independent
 
 
+def test_the_label_swap_splits_its_flips_into_right_for_both_and_wrong_for_both(tiny_world, monkeypatch):
+    """Four targets: one right for the user that flips (right for both types), one wrong that flips
+    (wrong for both), two that keep their winner; a tie after the swap counts half."""
+    from steerable.policy.evaluation import TargetMargins
+
+    folder, data, vectors, _ = tiny_world
+    policy = _build(folder)
+    evaluator = PolicyEvaluator(policy, PolicyTokenizer(policy.tokenizer, 48, 24).pairs(data), vectors)
+
+    def margins_of(values):
+        n = len(values)
+        return TargetMargins(np.array(values, float), *(np.arange(n) for _ in range(4)))
+
+    before, after = [1.0, -1.0, 1.0, -1.0], [-1.0, 1.0, 1.0, -1.0]
+
+    def margins(batches, swap_context=False):
+        return margins_of(after if swap_context else before)
+
+    monkeypatch.setattr(evaluator, "margins", margins)
+    out = evaluator.label_swap([])
+    assert out["share"] == 0.5
+    assert out["flips_from_right"] == 0.25 and out["flips_from_wrong"] == 0.25
+    after[0] = 0.0  # a tie after the swap: still a changed winner, half of it from a right prediction
+    out = evaluator.label_swap([])
+    assert out["share"] == 0.5 and out["flips_from_right"] == 0.125 and out["flips_from_wrong"] == 0.25
+
+
 def test_generation_is_seeded_and_steered(tiny_world):
     folder, *_ = tiny_world
     torch.manual_seed(0)

@@ -300,6 +300,9 @@ def test_npdpo_real_smoke_schema(tmp_path, tiny_encoder, tiny_decoder, monkeypat
     for key in ("stderr", "stderr_by_prompt", "of_oracles_stderr"):
         assert set(r[f"label_swap_flip_rate_{key}_by_context"]) == {"3"}
     assert 0.0 <= r["label_swap_flip_rate_of_oracles_by_context"]["3"] <= 1.0
+    right, wrong = r["label_swap_flips_from_right_by_context"], r["label_swap_flips_from_wrong_by_context"]
+    assert set(right) == set(wrong) == {"3"}
+    assert 0.0 <= right["3"] + wrong["3"] <= r["label_swap_flip_rate_by_context"]["3"] + 1e-12
     assert set(r["user_embedding_type_probe"]) == {"3"}
     g = r["generation"]
     assert g["prompts"] == 2  # --smoke asks for 2

@@ -522,6 +522,10 @@ def run_npdpo_real(
         "label_swap_flip_rate_stderr_by_prompt_by_context": {
             n: v.get("stderr_by_prompt") for n, v in swaps.items()
         },
+        # how the flips split (every pair conflicts): right for both types / wrong for both; the rest of
+        # the targets get one winner whatever the context says
+        "label_swap_flips_from_right_by_context": {n: v["flips_from_right"] for n, v in swaps.items()},
+        "label_swap_flips_from_wrong_by_context": {n: v["flips_from_wrong"] for n, v in swaps.items()},
         # the same targets' flip rate for a policy that becomes each type's oracle: the two oracles'
         # predicted winners differ (its ceiling: both oracles right, or both wrong)
         "label_swap_flip_rate_of_oracles_by_context": {
@@ -961,6 +965,13 @@ def _print(results: dict[str, Any], sizes: list[int]) -> None:
                 f"{label} (± s.e. by user): "
                 + ", ".join(f"N^C={k}: {v:.2f}{_pm(stderr.get(k))}" for k, v in share.items())
             )
+    right = results.get("label_swap_flips_from_right_by_context") or {}
+    wrong = results.get("label_swap_flips_from_wrong_by_context") or {}
+    if right and wrong:
+        console.print(
+            "  flips: right for both types / wrong for both (the rest: one winner whatever the context): "
+            + ", ".join(f"N^C={k}: {v:.2f} / {wrong[k]:.2f}" for k, v in right.items())
+        )
     probe = results.get("user_embedding_type_probe") or {}
     if probe:
         console.print(

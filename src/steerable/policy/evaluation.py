@@ -253,13 +253,27 @@ class PolicyEvaluator:
 
     def label_swap(self, batches: list[TaskBatch]) -> dict[str, float]:
         """Share of scored targets whose predicted winner changes when the context's labels are swapped,
-        with its standard errors (:func:`clustered_share`: by user, and by prompt when known)."""
+        with its standard errors (:func:`clustered_share`: by user, and by prompt when known), and how
+        it splits: "flips_from_right", the share whose winner was the user's choice before the swap (and
+        is the other answer after it), and "flips_from_wrong", the share whose winner was the other answer
+        before. Where every pair conflicts, the swapped context is a user of the other type: the first is
+        the share right for both types, the second the share wrong for both, and the targets that do not
+        flip get one winner whatever the context says (right for one type, wrong for the other)."""
         plain, swapped = self.margins(batches), self.margins(batches, swap_context=True)
-        return self.share(prediction_hits(plain.margin) != prediction_hits(swapped.margin), plain)
+        before, after = prediction_hits(plain.margin), prediction_hits(swapped.margin)
+        out = self.share(before != after, plain)
+        # a tie (credit ½) on either side counts half, so the two parts sum to the share without ties
+        out["flips_from_right"] = _mean(before * (1 - after))
+        out["flips_from_wrong"] = _mean((1 - before) * after)
+        return out
 
     def label_swap_flip_rate(self, batches: list[TaskBatch]) -> float:
         """The share of :meth:`label_swap` alone."""
         return self.label_swap(batches)["share"]
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if len(values) else float("nan")
 
 
 def _prompt_ids(embedded: PreferenceData) -> np.ndarray | None:
