@@ -263,17 +263,13 @@ class PolicyEvaluator:
         before, after = prediction_hits(plain.margin), prediction_hits(swapped.margin)
         out = self.share(before != after, plain)
         # a tie (credit ½) on either side counts half, so the two parts sum to the share without ties
-        out["flips_from_right"] = _mean(before * (1 - after))
-        out["flips_from_wrong"] = _mean((1 - before) * after)
+        out["flips_from_right"] = self.share(before * (1 - after), plain)["share"]
+        out["flips_from_wrong"] = self.share((1 - before) * after, plain)["share"]
         return out
 
     def label_swap_flip_rate(self, batches: list[TaskBatch]) -> float:
         """The share of :meth:`label_swap` alone."""
         return self.label_swap(batches)["share"]
-
-
-def _mean(values: np.ndarray) -> float:
-    return float(values.mean()) if len(values) else float("nan")
 
 
 def _prompt_ids(embedded: PreferenceData) -> np.ndarray | None:
