@@ -182,8 +182,47 @@ def test_lora_gates_start_as_the_identity_and_give_each_user_its_own_adapters():
         PolicyConfig(lora_gates=True, lora_r=0)
 
 
-@pytest.mark.parametrize("lora_r", [0, 4])
-def test_identity_empty_context_leaves_users_without_pairs_unmodulated(lora_r):
+def test_unshared_lora_gates_start_shut_off_the_zero_saddle_and_every_adapter_change_follows_z():
+    """lora_shared False: the gates are Δγ'(z) ⊙ A x + β'(z), so no adapter change is shared by every user.
+    Fresh, the policy is the base model (the gates are shut, B is random), yet the gates get a gradient
+    (not the zero saddle); without modulation the adapters are off; trained gates change each row by its
+    own user; B is saved and loaded with the rest."""
+    torch.manual_seed(5)
+    base = _tiny_models()["llama"].eval()
+    ids = torch.randint(0, 64, (4, 7))
+    expected = _sequence_log_probs(base, ids).sum(1)
+    base_weights = {k: v.clone() for k, v in base.state_dict().items()}
+    policy = _policy(base, lora_gates=True, lora_shared=False).eval()
+    ups = [p for n, p in policy.lm.named_parameters() if "lora_B" in n]
+    assert ups and all(p.abs().max() > 0 for p in ups)  # random, not peft's zeros
+    ctx = (torch.randn(2, 3, 6), torch.randn(2, 3, 6), torch.ones(2, 3, dtype=torch.bool))
+    assert torch.allclose(_two_users_log_probs(policy, ids, ctx), expected, atol=1e-5)
+    att, mask = torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool)
+    logps, _ = policy(ids, att, mask, ctx, ROW_USER)
+    logps.sum().backward()
+    assert policy.gate_network.net[-1].weight.grad.abs().max() > 1e-4  # off the saddle
+    policy.zero_grad()
+    torch.nn.init.normal_(policy.gate_network.net[-1].weight, std=0.5)
+    moved = _two_users_log_probs(policy, ids, ctx)
+    assert (moved - expected).abs().max() > 1e-2
+    _assert_each_row_follows_its_user(policy, ids, ctx)
+    policy.modulate(None)
+    with torch.no_grad():
+        unmodulated, _ = policy(ids, att, mask)  # no user: the gates are shut, so the base model
+    assert torch.allclose(unmodulated, expected, atol=1e-5)
+    assert torch.allclose(policy.reference_log_probs(ids, att, mask), expected, atol=1e-5)
+    same_base = _tiny_models()["llama"].eval()
+    same_base.load_state_dict(base_weights)
+    fresh = _policy(same_base, lora_gates=True, lora_shared=False).eval()
+    with torch.no_grad():
+        fresh.load_trainable_state_dict(policy.trainable_state_dict())
+    assert torch.allclose(_two_users_log_probs(fresh, ids, ctx), moved, atol=1e-6)
+    with pytest.raises(ConfigError, match="lora_shared"):
+        PolicyConfig(lora_shared=False)
+
+
+@pytest.mark.parametrize("lora_r, shared", [(0, True), (4, True), (4, False)])
+def test_identity_empty_context_leaves_users_without_pairs_unmodulated(lora_r, shared):
     """empty_context identity: a user with no context pairs gets no FiLM (and no gates), exactly what the
     policy gives with modulation off (with FiLM only: the base model), while a user with pairs in the same
     batch is still modulated; the hypernetwork stays in the graph (zero gradient) for DDP. The default,
@@ -192,7 +231,7 @@ def test_identity_empty_context_leaves_users_without_pairs_unmodulated(lora_r):
     base = _tiny_models()["llama"].eval()
     ids = torch.randint(0, 64, (4, 7))
     expected = _sequence_log_probs(base, ids).sum(1)
-    gates = {"lora_gates": True} if lora_r else {}
+    gates = {"lora_gates": True, "lora_shared": shared} if lora_r else {}
     policy = _policy(base, lora_r=lora_r, empty_context="identity", **gates).eval()
     learned = _policy(_tiny_models()["llama"].eval(), lora_r=lora_r, **gates).eval()
     for model in (policy, learned):
@@ -207,8 +246,8 @@ def test_identity_empty_context_leaves_users_without_pairs_unmodulated(lora_r):
     both = _two_users_log_probs(policy, ids, ctx)
     assert torch.equal(both[empty_rows], unmodulated[empty_rows])
     assert (both[~empty_rows] - unmodulated[~empty_rows]).abs().min() > 1e-3
-    if lora_r == 0:
-        assert torch.allclose(both[empty_rows], expected[empty_rows], atol=1e-5)  # the base model
+    if lora_r == 0 or not shared:  # nothing is left that acts without z: the base model
+        assert torch.allclose(both[empty_rows], expected[empty_rows], atol=1e-5)
     with torch.no_grad(), learned.hooks.disabled():
         plain = learned(ids, torch.ones_like(ids), torch.ones_like(ids, dtype=torch.bool))[0]
     assert (_two_users_log_probs(learned, ids, ctx)[empty_rows] - plain[empty_rows]).abs().min() > 1e-3

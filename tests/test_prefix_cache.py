@@ -81,10 +81,12 @@ def test_lora_and_film_follow_the_blocks(tiny):
     assert _policy(folder, blocks="all").prefix_blocks == 0
 
 
-@pytest.mark.parametrize("modulation", ["film", "lora_gates", "film_mlp"])
+@pytest.mark.parametrize("modulation", ["film", "lora_gates", "lora_unshared", "film_mlp"])
 def test_log_probs_from_the_cached_prefix_equal_the_full_forward(tiny, tmp_path, modulation):
     folder, data, _vectors = tiny
-    extra = {} if modulation == "film" else {modulation: True}
+    extra = {"film": {}, "lora_unshared": {"lora_gates": True, "lora_shared": False}}.get(
+        modulation, {modulation: True}
+    )
     policy = _policy(folder, **extra).eval()
     _perturb(policy)
     tokens = PolicyTokenizer(policy.tokenizer, 48, 24).pairs(data)

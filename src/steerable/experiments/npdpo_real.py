@@ -103,6 +103,11 @@ class NPDPORealConfig(TextDataConfig):
         "NP-DPO's z also modulates each LoRA adapter's rank bottleneck (conditional adapters; without them "
         "the policy acts on z through FiLM on attention outputs only)",
     )
+    lora_shared: bool = option(
+        True,
+        "with lora_gates: NP-DPO's adapters keep a part shared by every user; --no-lora-shared: every "
+        "adapter contribution is gated by z (beyond the paper; see the README)",
+    )
     empty_context: str = option(
         "learned",
         "NP-DPO for a user with no context pairs: learned = the trained empty-set embedding z_∅ (paper); "
@@ -180,6 +185,8 @@ class NPDPORealConfig(TextDataConfig):
             raise ValueError(f"np_dpo_lora_r must be >= 0, got {self.np_dpo_lora_r}")
         if self.lora_gates and self.policy_lora_r(conditional=True) == 0:
             raise ValueError("NP-DPO without LoRA (rank 0) has no adapters to gate: add --no-lora-gates")
+        if not self.lora_shared and not self.lora_gates:
+            raise ValueError("--no-lora-shared gates every adapter by z: it needs the LoRA gates")
         if self.validate_every < 0 or self.val_tasks < 1:
             raise ValueError("validate_every must be >= 0 and val_tasks >= 1")
         if self.smoke:
@@ -641,6 +648,7 @@ def _train(
         lora_r=rank,
         lora_alpha=max(1, 2 * rank),
         lora_gates=config.lora_gates and conditional,
+        lora_shared=config.lora_shared or not conditional,
         film_mlp=config.film_mlp and conditional,
         empty_context=config.empty_context if conditional else "learned",
         blocks=config.blocks,

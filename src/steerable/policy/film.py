@@ -21,13 +21,20 @@ from steerable.models.mlp import mlp
 
 
 class FiLMHypernetwork(nn.Module):
-    """z (B, L) -> γ, β (B, M, H) for M modulated blocks of width H; the identity when fresh."""
+    """z (B, L) -> γ, β (B, M, H) for M modulated blocks of width H, γ = ``gamma_offset`` + Δγ(z): the
+    identity when fresh (offset 1; offset 0 gives a gate that starts shut, γ = 0)."""
 
     def __init__(
-        self, latent_dim: int, num_blocks: int, width: int, hidden_dim: int = 256, num_layers: int = 2
+        self,
+        latent_dim: int,
+        num_blocks: int,
+        width: int,
+        hidden_dim: int = 256,
+        num_layers: int = 2,
+        gamma_offset: float = 1.0,
     ) -> None:
         super().__init__()
-        self.num_blocks, self.width = num_blocks, width
+        self.num_blocks, self.width, self.gamma_offset = num_blocks, width, gamma_offset
         self.net = mlp(latent_dim, hidden_dim, 2 * num_blocks * width, num_layers)
         last = self.net[-1]
         nn.init.zeros_(last.weight)
@@ -35,14 +42,18 @@ class FiLMHypernetwork(nn.Module):
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         out = self.net(z).view(z.shape[0], 2, self.num_blocks, self.width)
-        return 1.0 + out[:, 0], out[:, 1]
+        return self.gamma_offset + out[:, 0], out[:, 1]
 
 
 class FiLMHooks:
-    """Forward hooks on attention modules that apply the current (γ, β) (see the module docstring)."""
+    """Forward hooks on attention modules that apply the current (γ, β) (see the module docstring).
 
-    def __init__(self, attention_modules: list[nn.Module]) -> None:
+    ``zero_unmodulated``: the modules' output is 0 whenever no (γ, β) is applied (cleared or disabled),
+    for gates that shut without a user (``lora_shared`` False); multiplied by 0, so it stays in the graph."""
+
+    def __init__(self, attention_modules: list[nn.Module], zero_unmodulated: bool = False) -> None:
         self.modules = attention_modules
+        self.zero_unmodulated = zero_unmodulated
         self.gamma: Tensor | None = None  # (R, M, H)
         self.beta: Tensor | None = None
         self.enabled = True
@@ -72,7 +83,11 @@ class FiLMHooks:
     def _hook(self, index: int):
         def hook(module: nn.Module, args: tuple, output):
             if not self.enabled or self.gamma is None:
-                return output
+                if not self.zero_unmodulated:
+                    return output
+                if isinstance(output, tuple):
+                    return (output[0] * 0, *output[1:])
+                return output * 0
             hidden = output[0] if isinstance(output, tuple) else output
             gamma, beta = self.gamma[:, index], self.beta[:, index]  # (R, H)
             rows = hidden.shape[0]

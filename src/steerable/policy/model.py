@@ -6,9 +6,12 @@ the chosen and rejected options (the same encoder as NP-BTL). γ, β = hypernetw
 block. With ``lora_gates`` (beyond the paper) z also FiLM-modulates every LoRA adapter's r-wide bottleneck,
 h = A x -> γ'(z) ⊙ h + β'(z) before B: the adapters become a z-dependent mix of rank-1 updates, so users
 of different kinds can get different weight updates, not only different attention outputs (identity when
-fresh, like FiLM). With ``film_mlp`` (beyond the paper) FiLM also modulates each modulated block's MLP
-output, by a hypernetwork of its own. With ``conditional=False`` there is no encoder and no FiLM: the same
-class is the BTL-DPO baseline (plain LoRA-DPO).
+fresh, like FiLM). With ``lora_shared`` False the gate is Δγ'(z) ⊙ h + β'(z): no part of the adapters is
+shared by every user, each contribution is driven by z; B then starts random rather than zero (the shut
+gate keeps the fresh policy the base model, and training does not start at the zero saddle where neither
+B nor the gate gets a gradient). With ``film_mlp`` (beyond the paper) FiLM also modulates each modulated
+block's MLP output, by a hypernetwork of its own. With ``conditional=False`` there is no encoder and no
+FiLM: the same class is the BTL-DPO baseline (plain LoRA-DPO).
 
 The reference policy π_ref is this very model with the adapters disabled, FiLM off and dropout off
 (:meth:`ConditionalPolicy.reference_log_probs`): one copy of the base weights in memory.
@@ -89,10 +92,15 @@ class PolicyConfig:
         False,
         "z also modulates each LoRA adapter's rank bottleneck (conditional adapters; beyond the paper)",
     )
+    lora_shared: bool = option(
+        True,
+        "with lora_gates: the adapters keep a part shared by every user (B A x, gates γ' = 1 + Δγ'(z)); "
+        "False: every adapter contribution is gated by z (γ' = Δγ'(z), B starts random; beyond the paper)",
+    )
     empty_context: str = option(
         "learned",
         "a user with no context pairs (N^C = 0): learned = the encoder's trained empty-set embedding z_∅ "
-        "(paper); identity = no modulation (FiLM, gates at the identity), so with lora_r 0 that user gets "
+        "(paper); identity = no modulation (FiLM and gates at rest), so with lora_r 0 that user gets "
         "the base model exactly",
         choices=list(EMPTY_CONTEXTS),
     )
@@ -109,6 +117,8 @@ class PolicyConfig:
             raise ConfigError("latent_dim, encoder_hidden and hyper_hidden must be >= 1")
         if self.lora_gates and (not self.conditional or self.lora_r < 1):
             raise ConfigError("lora_gates needs a conditional policy with LoRA (lora_r >= 1)")
+        if not self.lora_shared and not self.lora_gates:
+            raise ConfigError("lora_shared False needs lora_gates (z drives the adapters through them)")
         if self.film_mlp and not self.conditional:
             raise ConfigError("film_mlp needs a conditional policy (FiLM is modulated by z)")
         if self.empty_context not in EMPTY_CONTEXTS:
@@ -209,6 +219,18 @@ def lora_bottlenecks(blocks: list[nn.Module]) -> list[nn.Module]:
     return found
 
 
+def _randomize_lora_up_projections(model: nn.Module) -> None:
+    """Start every LoRA up-projection B as peft starts A (Kaiming uniform) instead of at zero."""
+    import math
+
+    from peft.tuners.lora import LoraLayer
+
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer):
+            for up in layer.lora_B.values():
+                nn.init.kaiming_uniform_(up.weight, a=math.sqrt(5))
+
+
 def _uses_conv1d(base: nn.Module) -> bool:
     """GPT-2-style models store linear weights transposed (transformers' ``Conv1D``); LoRA must know."""
     return any(type(m).__name__ == "Conv1D" for m in base.modules())
@@ -239,6 +261,8 @@ class ConditionalPolicy(nn.Module):
                     "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
                 )
                 base = get_peft_model(base, lora)
+            if not config.lora_shared:
+                _randomize_lora_up_projections(base)
         self.lm = base
         self.hooks: FiLMHooks | None = None
         self.gate_hooks: FiLMHooks | None = None
@@ -260,10 +284,15 @@ class ConditionalPolicy(nn.Module):
             self.hooks = FiLMHooks(attention)
             if config.lora_gates:
                 bottlenecks = lora_bottlenecks([blocks[i] for i in self.block_index])
+                shared = config.lora_shared
                 self.gate_network = FiLMHypernetwork(
-                    config.latent_dim, len(bottlenecks), config.lora_r, config.hyper_hidden
+                    config.latent_dim,
+                    len(bottlenecks),
+                    config.lora_r,
+                    config.hyper_hidden,
+                    gamma_offset=1.0 if shared else 0.0,
                 )
-                self.gate_hooks = FiLMHooks(bottlenecks)
+                self.gate_hooks = FiLMHooks(bottlenecks, zero_unmodulated=not shared)
             if config.film_mlp:
                 self.mlp_hypernetwork = FiLMHypernetwork(
                     config.latent_dim, len(self.block_index), width, config.hyper_hidden
@@ -343,8 +372,8 @@ class ConditionalPolicy(nn.Module):
                 continue
             gamma, beta = network(z)
             if identity_rows:
-                keep = has_context.to(gamma.dtype).view(-1, 1, 1)
-                gamma, beta = 1.0 + keep * (gamma - 1.0), keep * beta
+                keep, off = has_context.to(gamma.dtype).view(-1, 1, 1), network.gamma_offset
+                gamma, beta = off + keep * (gamma - off), keep * beta
             if row_user is not None:
                 gamma, beta = gamma[row_user], beta[row_user]
             hooks.set(gamma, beta)
