@@ -554,6 +554,11 @@ def test_npdpo_real_identity_empty_context_trains_film_only_np_dpo_on_context_on
     assert (film_only.policy_min_context(True), film_only.policy_min_context(False)) == (1, 0)
     assert NPDPORealConfig(empty_context="identity").policy_min_context(True) == 0
     assert NPDPORealConfig(np_dpo_lora_r=0, lora_gates=False).policy_min_context(True) == 0
+    unshared = NPDPORealConfig(lora_shared=False, empty_context="identity")  # every adapter gated by z
+    assert unshared.policy_min_context(True) == 1
+    assert NPDPORealConfig(lora_shared=False).policy_min_context(True) == 0  # z_∅ opens the gates
+    with pytest.raises(ValueError, match="needs the LoRA gates"):
+        NPDPORealConfig(lora_shared=False, lora_gates=False)
     args = ["experiment", "npdpo-real", "--out", str(tmp_path / "r"), "--seed", "0", "--smoke"]
     args += ["--embedder", tiny_encoder, "--base-model", tiny_decoder, "--blocks", "last:1"]
     args += ["--cache-dir", str(tmp_path / "cache"), "--max-length", "64", "--generation-prompts", "0"]

@@ -222,10 +222,11 @@ class NPDPORealConfig(TextDataConfig):
         return self.lora_r
 
     def policy_min_context(self, conditional: bool) -> int:
-        """Smallest N^C NP-DPO trains on: 1 when it has nothing to train at N^C = 0 (FiLM only, no
-        modulation without context: the base model), else 0."""
-        film_only = self.policy_lora_r(conditional=True) == 0 and self.empty_context == "identity"
-        return 1 if conditional and film_only else 0
+        """Smallest N^C NP-DPO trains on: 1 when it has nothing to train at N^C = 0 (no modulation without
+        context, and no adapter that acts without z, i.e. FiLM only or unshared gates: the base model),
+        else 0."""
+        unshared = self.policy_lora_r(conditional=True) == 0 or not self.lora_shared
+        return 1 if conditional and unshared and self.empty_context == "identity" else 0
 
     def policy_steps(self, conditional: bool) -> int:
         """Training steps of NP-DPO (``conditional``) or of BTL-DPO and the oracles. A mirrored step trains
