@@ -370,6 +370,9 @@ def test_npdpo_real_select_baselines_scores_each_oracle_on_its_own_type(
         assert training[name]["selection"]["best_step"] is not None, name
     # --smoke: NP-DPO scored at steps 2 and 3 on both types, each oracle at 2 and 3 on its own type only
     assert seen == [{0, 1}, {0, 1}, {0}, {0}, {1}, {1}]
+    saved = lambda name: json.loads((tmp_path / "r" / name / "policy_config.json").read_text())  # noqa: E731
+    assert saved("np-dpo")["lora_gates"] and not saved("np-dpo")["lora_shared"]  # the default: unshared
+    assert saved("oracle-hedging")["lora_shared"] and not saved("oracle-hedging")["lora_gates"]
 
 
 def test_npdpo_real_np_dpo_steps_apply_to_np_dpo_only_and_halve_with_mirror_users():
@@ -552,13 +555,16 @@ def test_npdpo_real_identity_empty_context_trains_film_only_np_dpo_on_context_on
 
     film_only = NPDPORealConfig(np_dpo_lora_r=0, lora_gates=False, empty_context="identity")
     assert (film_only.policy_min_context(True), film_only.policy_min_context(False)) == (1, 0)
-    assert NPDPORealConfig(empty_context="identity").policy_min_context(True) == 0
+    assert NPDPORealConfig(empty_context="identity", lora_shared=True).policy_min_context(True) == 0
     assert NPDPORealConfig(np_dpo_lora_r=0, lora_gates=False).policy_min_context(True) == 0
-    unshared = NPDPORealConfig(lora_shared=False, empty_context="identity")  # every adapter gated by z
+    unshared = NPDPORealConfig(empty_context="identity")  # the default gates every adapter by z
+    assert unshared.unshared_gates(True) and not unshared.unshared_gates(False)
     assert unshared.policy_min_context(True) == 1
-    assert NPDPORealConfig(lora_shared=False).policy_min_context(True) == 0  # z_∅ opens the gates
-    with pytest.raises(ValueError, match="needs the LoRA gates"):
-        NPDPORealConfig(lora_shared=False, lora_gates=False)
+    assert NPDPORealConfig().policy_min_context(True) == 0  # z_∅ opens the gates
+    shared = NPDPORealConfig(lora_shared=True, empty_context="identity")  # the shared adapter acts at N^C = 0
+    assert not shared.unshared_gates(True) and shared.policy_min_context(True) == 0
+    plain = NPDPORealConfig(lora_gates=False, empty_context="identity")  # no gates: plain LoRA acts at 0
+    assert not plain.unshared_gates(True) and plain.policy_min_context(True) == 0
     args = ["experiment", "npdpo-real", "--out", str(tmp_path / "r"), "--seed", "0", "--smoke"]
     args += ["--embedder", tiny_encoder, "--base-model", tiny_decoder, "--blocks", "last:1"]
     args += ["--cache-dir", str(tmp_path / "cache"), "--max-length", "64", "--generation-prompts", "0"]

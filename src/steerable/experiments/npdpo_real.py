@@ -104,9 +104,10 @@ class NPDPORealConfig(TextDataConfig):
         "the policy acts on z through FiLM on attention outputs only)",
     )
     lora_shared: bool = option(
-        True,
-        "with lora_gates: NP-DPO's adapters keep a part shared by every user; --no-lora-shared: every "
-        "adapter contribution is gated by z (beyond the paper; see the README)",
+        False,
+        "with lora_gates: --lora-shared keeps a part of NP-DPO's adapters shared by every user (the default "
+        "until 2026-12-03); default: every adapter contribution is gated by z (beyond the paper; see the "
+        "README, 'Unshared LoRA gates'); without gates there is nothing to unshare",
     )
     empty_context: str = option(
         "learned",
@@ -185,8 +186,6 @@ class NPDPORealConfig(TextDataConfig):
             raise ValueError(f"np_dpo_lora_r must be >= 0, got {self.np_dpo_lora_r}")
         if self.lora_gates and self.policy_lora_r(conditional=True) == 0:
             raise ValueError("NP-DPO without LoRA (rank 0) has no adapters to gate: add --no-lora-gates")
-        if not self.lora_shared and not self.lora_gates:
-            raise ValueError("--no-lora-shared gates every adapter by z: it needs the LoRA gates")
         if self.validate_every < 0 or self.val_tasks < 1:
             raise ValueError("validate_every must be >= 0 and val_tasks >= 1")
         if self.smoke:
@@ -225,8 +224,12 @@ class NPDPORealConfig(TextDataConfig):
         """Smallest N^C NP-DPO trains on: 1 when it has nothing to train at N^C = 0 (no modulation without
         context, and no adapter that acts without z, i.e. FiLM only or unshared gates: the base model),
         else 0."""
-        unshared = self.policy_lora_r(conditional=True) == 0 or not self.lora_shared
+        unshared = self.policy_lora_r(conditional=True) == 0 or self.unshared_gates(conditional)
         return 1 if conditional and unshared and self.empty_context == "identity" else 0
+
+    def unshared_gates(self, conditional: bool) -> bool:
+        """Whether NP-DPO's (``conditional``) LoRA gates gate every adapter contribution by z."""
+        return conditional and self.lora_gates and not self.lora_shared
 
     def policy_steps(self, conditional: bool) -> int:
         """Training steps of NP-DPO (``conditional``) or of BTL-DPO and the oracles. A mirrored step trains
@@ -649,7 +652,7 @@ def _train(
         lora_r=rank,
         lora_alpha=max(1, 2 * rank),
         lora_gates=config.lora_gates and conditional,
-        lora_shared=config.lora_shared or not conditional,
+        lora_shared=not config.unshared_gates(conditional),
         film_mlp=config.film_mlp and conditional,
         empty_context=config.empty_context if conditional else "learned",
         blocks=config.blocks,
