@@ -29,6 +29,7 @@ standardisation) in ``policy.safetensors`` plus ``policy_config.json`` naming th
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -221,8 +222,6 @@ def lora_bottlenecks(blocks: list[nn.Module]) -> list[nn.Module]:
 
 def _randomize_lora_up_projections(model: nn.Module) -> None:
     """Start every LoRA up-projection B as peft starts A (Kaiming uniform) instead of at zero."""
-    import math
-
     from peft.tuners.lora import LoraLayer
 
     for layer in model.modules():
