@@ -48,12 +48,13 @@ class FiLMHypernetwork(nn.Module):
 class FiLMHooks:
     """Forward hooks on attention modules that apply the current (γ, β) (see the module docstring).
 
-    ``zero_unmodulated``: the modules' output is 0 whenever no (γ, β) is applied (cleared or disabled),
-    for gates that shut without a user (``lora_shared`` False); multiplied by 0, so it stays in the graph."""
+    ``rest_gamma``: γ whenever no (γ, β) is applied (cleared or disabled), the hypernetwork's
+    ``gamma_offset``: 1 leaves the output as it is; 0 (gates that shut without a user, ``lora_shared``
+    False) multiplies it by 0, so that it stays in the graph."""
 
-    def __init__(self, attention_modules: list[nn.Module], zero_unmodulated: bool = False) -> None:
+    def __init__(self, attention_modules: list[nn.Module], rest_gamma: float = 1.0) -> None:
         self.modules = attention_modules
-        self.zero_unmodulated = zero_unmodulated
+        self.rest_gamma = rest_gamma
         self.gamma: Tensor | None = None  # (R, M, H)
         self.beta: Tensor | None = None
         self.enabled = True
@@ -83,11 +84,11 @@ class FiLMHooks:
     def _hook(self, index: int):
         def hook(module: nn.Module, args: tuple, output):
             if not self.enabled or self.gamma is None:
-                if not self.zero_unmodulated:
+                if self.rest_gamma == 1.0:
                     return output
                 if isinstance(output, tuple):
-                    return (output[0] * 0, *output[1:])
-                return output * 0
+                    return (output[0] * self.rest_gamma, *output[1:])
+                return output * self.rest_gamma
             hidden = output[0] if isinstance(output, tuple) else output
             gamma, beta = self.gamma[:, index], self.beta[:, index]  # (R, H)
             rows = hidden.shape[0]

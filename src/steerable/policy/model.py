@@ -283,15 +283,14 @@ class ConditionalPolicy(nn.Module):
             self.hooks = FiLMHooks(attention)
             if config.lora_gates:
                 bottlenecks = lora_bottlenecks([blocks[i] for i in self.block_index])
-                shared = config.lora_shared
                 self.gate_network = FiLMHypernetwork(
                     config.latent_dim,
                     len(bottlenecks),
                     config.lora_r,
                     config.hyper_hidden,
-                    gamma_offset=1.0 if shared else 0.0,
+                    gamma_offset=1.0 if config.lora_shared else 0.0,
                 )
-                self.gate_hooks = FiLMHooks(bottlenecks, zero_unmodulated=not shared)
+                self.gate_hooks = FiLMHooks(bottlenecks, rest_gamma=self.gate_network.gamma_offset)
             if config.film_mlp:
                 self.mlp_hypernetwork = FiLMHypernetwork(
                     config.latent_dim, len(self.block_index), width, config.hyper_hidden
